@@ -1,0 +1,147 @@
+//! The `Member` trait every protocol implements, and what the core keeps about each
+//! member of an array: its health, its fault reason and its counters.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use serde::Serialize;
+
+use crate::error::IoResult;
+use crate::io::{Class, MemberIo, Proto};
+
+/// A member I/O in flight. Boxed so the trait stays object safe; data buffers are never
+/// allocated per I/O (they come from the pool).
+pub type IoFuture<'a> = Pin<Box<dyn Future<Output = IoResult> + Send + 'a>>;
+
+/// What a member can do beyond read and write.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Caps {
+    pub flush: bool,
+    pub fua: bool,
+    pub discard: bool,
+    pub write_zeroes: bool,
+}
+
+/// The fixed facts about a member, known once it is open.
+#[derive(Debug, Clone, Serialize)]
+pub struct MemberInfo {
+    /// The address it was opened from, e.g. `file:/var/lib/uniblk/a.img`.
+    pub address: String,
+    pub class: Class,
+    pub proto: Proto,
+    /// Usable bytes, metadata area included.
+    pub size: u64,
+    /// Logical block size: requests must be aligned to it.
+    pub block_size: u32,
+    pub caps: Caps,
+    /// Which I/O engine serves it (e.g. "io_uring", "pread"), for status.
+    pub engine: &'static str,
+}
+
+/// One storage element. Offsets and lengths in a `MemberIo` are aligned to
+/// `info().block_size`, lie inside `info().size`, and the op is one the caps allow; the
+/// core guarantees that before calling `submit`.
+pub trait Member: Send + Sync + 'static {
+    fn info(&self) -> &MemberInfo;
+
+    /// Perform one I/O. The returned future is always polled to completion.
+    fn submit(&self, io: MemberIo) -> IoFuture<'_>;
+
+    /// Release resources (flush is done by the core before this). Idempotent.
+    fn close(&self) {}
+}
+
+/// Why a member is out of service. An enum, not a string, so policy can match on it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "reason", content = "detail", rename_all = "snake_case")]
+pub enum FaultReason {
+    /// An I/O returned an error (the error's text).
+    IoError(String),
+    Timeout,
+    Disconnected,
+    TooSmall,
+    /// It missed writes while out of service (older event count than its peers).
+    Stale,
+    /// An operator said so.
+    Operator,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum MemberState {
+    Healthy,
+    Faulty(FaultReason),
+}
+
+/// Counters the core keeps per member; read by status and by read balancing.
+#[derive(Debug, Default)]
+pub struct MemberStats {
+    pub in_flight: AtomicU64,
+    pub completed: AtomicU64,
+    pub errors: AtomicU64,
+    pub bytes_read: AtomicU64,
+    pub bytes_written: AtomicU64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StatsSnapshot {
+    pub in_flight: u64,
+    pub completed: u64,
+    pub errors: u64,
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+}
+
+impl MemberStats {
+    pub fn snapshot(&self) -> StatsSnapshot {
+        StatsSnapshot {
+            in_flight: self.in_flight.load(Ordering::Relaxed),
+            completed: self.completed.load(Ordering::Relaxed),
+            errors: self.errors.load(Ordering::Relaxed),
+            bytes_read: self.bytes_read.load(Ordering::Relaxed),
+            bytes_written: self.bytes_written.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// A member as the array holds it.
+pub struct MemberSlot {
+    pub member: Arc<dyn Member>,
+    pub stats: MemberStats,
+    state: Mutex<MemberState>,
+}
+
+impl MemberSlot {
+    pub fn new(member: Arc<dyn Member>) -> Self {
+        MemberSlot {
+            member,
+            stats: MemberStats::default(),
+            state: Mutex::new(MemberState::Healthy),
+        }
+    }
+
+    pub fn info(&self) -> &MemberInfo {
+        self.member.info()
+    }
+
+    pub fn state(&self) -> MemberState {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn is_healthy(&self) -> bool {
+        matches!(self.state(), MemberState::Healthy)
+    }
+
+    /// Mark faulty; returns true if this call changed the state.
+    pub fn fail(&self, reason: FaultReason) -> bool {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if *st == MemberState::Healthy {
+            *st = MemberState::Faulty(reason);
+            true
+        } else {
+            false
+        }
+    }
+}
