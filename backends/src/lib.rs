@@ -1,1 +1,6 @@
 //! Member protocols.
+pub mod addr;
+pub mod local;
+pub mod mem;
+pub mod nbd;
+pub mod null;

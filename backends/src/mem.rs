@@ -93,14 +93,22 @@ impl MemMember {
                 // SAFETY: range checked; the region locks exclude concurrent writers; the
                 // buffer is the issuer's (see IoBuf).
                 unsafe {
-                    std::ptr::copy_nonoverlapping(self.ptr(t.offset), io.buf.as_ptr(), t.len as usize)
+                    std::ptr::copy_nonoverlapping(
+                        self.ptr(t.offset),
+                        io.buf.as_ptr(),
+                        t.len as usize,
+                    )
                 };
             }
             Op::Write => {
                 let _g = self.write_locks(t.offset, t.len);
                 // SAFETY: as for reads, with exclusive region locks.
                 unsafe {
-                    std::ptr::copy_nonoverlapping(io.buf.as_ptr(), self.ptr(t.offset), t.len as usize)
+                    std::ptr::copy_nonoverlapping(
+                        io.buf.as_ptr(),
+                        self.ptr(t.offset),
+                        t.len as usize,
+                    )
                 };
             }
             Op::Trim | Op::WriteZeroes => {
@@ -121,7 +129,11 @@ impl MemMember {
             // SAFETY: a page-aligned range inside our private anonymous mapping; MADV_DONTNEED
             // on such a mapping makes it read back as zeroes.
             let rc = unsafe {
-                libc::madvise(self.ptr(start) as *mut libc::c_void, (end - start) as usize, libc::MADV_DONTNEED)
+                libc::madvise(
+                    self.ptr(start) as *mut libc::c_void,
+                    (end - start) as usize,
+                    libc::MADV_DONTNEED,
+                )
             };
             if rc == 0 {
                 self.clear(off, start - off);
@@ -193,6 +205,9 @@ mod tests {
     async fn out_of_range_is_an_error() {
         let m = MemMember::new("mem:1MiB", 1 << 20);
         let mut b = vec![0u8; 4096];
-        assert!(m.submit(io(Op::Read, (1 << 20) - 512, &mut b)).await.is_err());
+        assert!(m
+            .submit(io(Op::Read, (1 << 20) - 512, &mut b))
+            .await
+            .is_err());
     }
 }

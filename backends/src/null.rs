@@ -35,7 +35,11 @@ impl Member for NullMember {
 
     fn submit(&self, io: MemberIo) -> IoFuture<'_> {
         let t = io.tag;
-        let r = if t.op != Op::Flush && t.offset.checked_add(t.len).is_none_or(|e| e > self.info.size) {
+        let r = if t.op != Op::Flush
+            && t.offset
+                .checked_add(t.len)
+                .is_none_or(|e| e > self.info.size)
+        {
             Err(IoError::OutOfRange {
                 offset: t.offset,
                 len: t.len,

@@ -23,7 +23,9 @@ async fn mem_array(level: LevelKind, sizes_mib: &[u64], chunk: u64) -> Array {
     let members: Vec<Arc<dyn Member>> = sizes_mib
         .iter()
         .enumerate()
-        .map(|(i, s)| Arc::new(MemMember::new(&format!("mem:{s}MiB#{i}"), s * MIB)) as Arc<dyn Member>)
+        .map(|(i, s)| {
+            Arc::new(MemMember::new(&format!("mem:{s}MiB#{i}"), s * MIB)) as Arc<dyn Member>
+        })
         .collect();
     let spec = ArraySpec {
         name: "model".into(),
@@ -49,7 +51,9 @@ enum Cmd {
 }
 
 fn data(seed: u8, off: u64, len: u64) -> Vec<u8> {
-    (off..off + len).map(|i| (i as u8).wrapping_mul(31) ^ seed).collect()
+    (off..off + len)
+        .map(|i| (i as u8).wrapping_mul(31) ^ seed)
+        .collect()
 }
 
 async fn apply(a: &Array, m: &mut Model, cmd: &Cmd) {
@@ -57,7 +61,12 @@ async fn apply(a: &Array, m: &mut Model, cmd: &Cmd) {
         Cmd::Write { off, len, seed } => {
             let mut b = a.buffer(off, len).await.unwrap();
             b.data_mut().copy_from_slice(&data(seed, off, len));
-            let io = FrontIo { op: Op::Write, offset: off, len, flags: Flags::default() };
+            let io = FrontIo {
+                op: Op::Write,
+                offset: off,
+                len,
+                flags: Flags::default(),
+            };
             a.submit(io, Some(&mut b)).await.unwrap();
             for (i, v) in data(seed, off, len).into_iter().enumerate() {
                 m.0[off as usize + i] = Some(v);
@@ -65,16 +74,31 @@ async fn apply(a: &Array, m: &mut Model, cmd: &Cmd) {
         }
         Cmd::Read { off, len } => {
             let mut b = a.buffer(off, len).await.unwrap();
-            let io = FrontIo { op: Op::Read, offset: off, len, flags: Flags::default() };
+            let io = FrontIo {
+                op: Op::Read,
+                offset: off,
+                len,
+                flags: Flags::default(),
+            };
             a.submit(io, Some(&mut b)).await.unwrap();
             for (i, got) in b.data().iter().enumerate() {
                 if let Some(want) = m.0[off as usize + i] {
-                    assert_eq!(*got, want, "byte {} differs after {cmd:?}", off as usize + i);
+                    assert_eq!(
+                        *got,
+                        want,
+                        "byte {} differs after {cmd:?}",
+                        off as usize + i
+                    );
                 }
             }
         }
         Cmd::Trim { off, len } => {
-            let io = FrontIo { op: Op::Trim, offset: off, len, flags: Flags::default() };
+            let io = FrontIo {
+                op: Op::Trim,
+                offset: off,
+                len,
+                flags: Flags::default(),
+            };
             a.submit(io, None).await.unwrap();
             // Only whole blocks are discarded; their content is unspecified afterwards.
             let bs = a.block_size() as u64;
@@ -84,16 +108,32 @@ async fn apply(a: &Array, m: &mut Model, cmd: &Cmd) {
             }
         }
         Cmd::Zero { off, len, fua } => {
-            let flags = Flags { fua, ..Flags::default() };
-            a.submit(FrontIo { op: Op::WriteZeroes, offset: off, len, flags }, None)
-                .await
-                .unwrap();
+            let flags = Flags {
+                fua,
+                ..Flags::default()
+            };
+            a.submit(
+                FrontIo {
+                    op: Op::WriteZeroes,
+                    offset: off,
+                    len,
+                    flags,
+                },
+                None,
+            )
+            .await
+            .unwrap();
             for i in off..off + len {
                 m.0[i as usize] = Some(0);
             }
         }
         Cmd::Flush => {
-            let io = FrontIo { op: Op::Flush, offset: 0, len: 0, flags: Flags::default() };
+            let io = FrontIo {
+                op: Op::Flush,
+                offset: 0,
+                len: 0,
+                flags: Flags::default(),
+            };
             a.submit(io, None).await.unwrap();
         }
     }
@@ -102,7 +142,11 @@ async fn apply(a: &Array, m: &mut Model, cmd: &Cmd) {
 fn range(size: u64) -> impl Strategy<Value = (u64, u64)> {
     // Mix block-aligned and arbitrary ranges, small and up to a few chunks.
     (0..size, 1u64..300_000, any::<bool>()).prop_map(move |(off, len, aligned)| {
-        let (off, len) = if aligned { (off / 512 * 512, (len / 512).max(1) * 512) } else { (off, len) };
+        let (off, len) = if aligned {
+            (off / 512 * 512, (len / 512).max(1) * 512)
+        } else {
+            (off, len)
+        };
         let off = off.min(size - 1);
         (off, len.min(size - off))
     })
@@ -165,10 +209,22 @@ proptest! {
 #[test]
 fn level_sizes_used_by_the_model_strategies_are_right() {
     runtime().block_on(async {
-        assert_eq!(mem_array(LevelKind::Linear, &[4, 3], 65536).await.size(), 5 * MIB);
-        assert_eq!(mem_array(LevelKind::Raid0, &[4, 4, 6], 65536).await.size(), 11 * MIB);
-        assert_eq!(mem_array(LevelKind::Raid1, &[4, 4, 5], 65536).await.size(), 3 * MIB);
-        assert_eq!(mem_array(LevelKind::Raid10, &[4, 4, 4], 65536).await.size(), 9 * MIB / 2);
+        assert_eq!(
+            mem_array(LevelKind::Linear, &[4, 3], 65536).await.size(),
+            5 * MIB
+        );
+        assert_eq!(
+            mem_array(LevelKind::Raid0, &[4, 4, 6], 65536).await.size(),
+            11 * MIB
+        );
+        assert_eq!(
+            mem_array(LevelKind::Raid1, &[4, 4, 5], 65536).await.size(),
+            3 * MIB
+        );
+        assert_eq!(
+            mem_array(LevelKind::Raid10, &[4, 4, 4], 65536).await.size(),
+            9 * MIB / 2
+        );
     });
 }
 
@@ -186,7 +242,12 @@ fn concurrent_unaligned_writes_to_one_block_all_survive() {
                 let (off, len) = (i * 100, 100);
                 let mut b = a.buffer(off, len).await.unwrap();
                 b.data_mut().fill(i as u8 + 1);
-                let io = FrontIo { op: Op::Write, offset: off, len, flags: Flags::default() };
+                let io = FrontIo {
+                    op: Op::Write,
+                    offset: off,
+                    len,
+                    flags: Flags::default(),
+                };
                 a.submit(io, Some(&mut b)).await.unwrap();
             }));
         }
@@ -194,11 +255,18 @@ fn concurrent_unaligned_writes_to_one_block_all_survive() {
             t.await.unwrap();
         }
         let mut b = a.buffer(0, 6400).await.unwrap();
-        let io = FrontIo { op: Op::Read, offset: 0, len: 6400, flags: Flags::default() };
+        let io = FrontIo {
+            op: Op::Read,
+            offset: 0,
+            len: 6400,
+            flags: Flags::default(),
+        };
         a.submit(io, Some(&mut b)).await.unwrap();
         for i in 0..64usize {
             assert!(
-                b.data()[i * 100..i * 100 + 100].iter().all(|&x| x == i as u8 + 1),
+                b.data()[i * 100..i * 100 + 100]
+                    .iter()
+                    .all(|&x| x == i as u8 + 1),
                 "write {i} was lost by a racing read-modify-write"
             );
         }
@@ -210,10 +278,23 @@ fn out_of_range_and_oversized_requests_are_refused() {
     runtime().block_on(async {
         let a = mem_array(LevelKind::Raid0, &[4, 4], 65536).await;
         let size = a.size();
-        let io = FrontIo { op: Op::Trim, offset: size - 512, len: 1024, flags: Flags::default() };
+        let io = FrontIo {
+            op: Op::Trim,
+            offset: size - 512,
+            len: 1024,
+            flags: Flags::default(),
+        };
         assert_eq!(a.submit(io, None).await.unwrap_err().errno(), libc_einval());
-        let io = FrontIo { op: Op::Trim, offset: u64::MAX - 10, len: 100, flags: Flags::default() };
-        assert!(a.submit(io, None).await.is_err(), "offset+len overflow is caught");
+        let io = FrontIo {
+            op: Op::Trim,
+            offset: u64::MAX - 10,
+            len: 100,
+            flags: Flags::default(),
+        };
+        assert!(
+            a.submit(io, None).await.is_err(),
+            "offset+len overflow is caught"
+        );
         assert!(a.buffer(0, a.max_io() + 1).await.is_err());
     });
 }

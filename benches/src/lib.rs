@@ -1,1 +1,1 @@
-
+//! Benchmarks: see issue 5.

@@ -76,11 +76,15 @@ impl Array {
         uuid: Uuid,
         level: Box<dyn Level>,
         members: Vec<MemberSlot>,
-        data_offset: u64,
         queue: IoQueue,
         pool: BufPool,
         superblocks: Vec<Superblock>,
     ) -> Self {
+        // Every member of one array shares the data offset it was initialised with.
+        let data_offset = superblocks
+            .first()
+            .map(|s| s.data_offset)
+            .unwrap_or(crate::superblock::DEFAULT_DATA_OFFSET);
         let block_size = members
             .iter()
             .map(|m| m.info().block_size)

@@ -303,15 +303,6 @@ pub async fn assemble(
             })?;
     }
     let queue = IoQueue::new(spec.queue_depth, policy);
-    let array = Array::new(
-        spec.name.clone(),
-        array_uuid,
-        lvl,
-        slots,
-        DEFAULT_DATA_OFFSET,
-        queue,
-        pool,
-        sbs,
-    );
+    let array = Array::new(spec.name.clone(), array_uuid, lvl, slots, queue, pool, sbs);
     Ok((array, report))
 }

@@ -164,7 +164,7 @@ impl Superblock {
         if role >= members || members == 0 || members > 4096 {
             return Err(SbError::Field("role/members"));
         }
-        if sb.data_offset < SB_OFFSET + SB_SIZE as u64 || sb.data_offset % 4096 != 0 {
+        if sb.data_offset < SB_OFFSET + SB_SIZE as u64 || !sb.data_offset.is_multiple_of(4096) {
             return Err(SbError::Field("data_offset"));
         }
         Ok(sb)

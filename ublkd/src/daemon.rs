@@ -1,0 +1,423 @@
+//! The daemon's life: load the layout, open members, assemble arrays, start the NBD
+//! listeners and the management API, wait for SIGINT/SIGTERM, then stop in order: stop
+//! accepting, drain in-flight I/O, flush members, mark superblocks clean, exit.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use raidcore::{ArrayRef, ArraySpec, AssembleReport, BufPool, Member, MemberState, PoolConfig};
+
+use crate::layout::{ArrayPlan, Layout, ListenAddr};
+use crate::nbd_server::{Export, NbdServer};
+use crate::status::*;
+
+/// How long a stop waits for NBD clients' in-flight requests.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Options shared by `ublkd` and `uniblk up`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct DaemonArgs {
+    /// Layout file (TOML). Without one: a raid1 of two sparse 1 GiB files under --data-dir,
+    /// exported as NBD `uniblk0` on 127.0.0.1:10809 and a unix socket.
+    #[arg(long, short = 'c')]
+    pub config: Option<PathBuf>,
+    /// Management socket [default: $UNIBLK_SOCKET or /run/uniblk/ublkd.sock].
+    #[arg(long)]
+    pub mgmt_socket: Option<PathBuf>,
+    /// Log level: error, warn, info, debug or trace (or a tracing filter).
+    #[arg(long, default_value = "info")]
+    pub log_level: String,
+    /// Initialise members that carry another array's superblock (destroys their data).
+    #[arg(long)]
+    pub force: bool,
+    /// Where the built-in default array keeps its member files.
+    #[arg(long, default_value = "uniblk-data")]
+    pub data_dir: PathBuf,
+}
+
+pub fn init_logging(level: &str) -> Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(level).with_context(|| {
+        format!("--log-level '{level}' is not a level (error, warn, info, debug, trace)")
+    })?;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init()
+        .ok();
+    Ok(())
+}
+
+/// The built-in array for `uniblk up` with no layout: creates the directory and sparse
+/// member files when missing.
+pub fn default_layout(data_dir: &Path) -> Result<Layout> {
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("cannot create data directory {}", data_dir.display()))?;
+    let dir = std::fs::canonicalize(data_dir)?;
+    let mut members = Vec::new();
+    for f in ["member-a.img", "member-b.img"] {
+        let p = dir.join(f);
+        if !p.exists() {
+            let file = std::fs::File::create(&p)
+                .with_context(|| format!("cannot create member file {}", p.display()))?;
+            file.set_len(1 << 30)?;
+        }
+        members.push(format!("file:{}", p.display()));
+    }
+    let sock = dir.join("uniblk0.sock");
+    let text = format!(
+        "[[array]]\nname = \"uniblk0\"\nlevel = \"raid1\"\nmembers = [{}]\nexport.nbd = {{ listen = [\"127.0.0.1:10809\", \"unix:{}\"] }}\n",
+        members.iter().map(|m| format!("\"{m}\"")).collect::<Vec<_>>().join(", "),
+        sock.display()
+    );
+    Layout::parse(&text)
+}
+
+/// Open every member of a plan, in layout order.
+pub async fn open_members(plan: &ArrayPlan) -> Result<Vec<Arc<dyn Member>>> {
+    let mut out = Vec::with_capacity(plan.members.len());
+    for m in &plan.members {
+        let addr = backends::addr::parse(m).with_context(|| format!("array {}", plan.name))?;
+        let member = backends::addr::open(&addr, m)
+            .await
+            .with_context(|| format!("array {}", plan.name))?;
+        out.push(member);
+    }
+    Ok(out)
+}
+
+/// Open and assemble one array (initialising blank members).
+pub async fn assemble_plan(
+    plan: &ArrayPlan,
+    pool: BufPool,
+    force: bool,
+) -> Result<(ArrayRef, AssembleReport)> {
+    let members = open_members(plan).await?;
+    let spec = ArraySpec {
+        name: plan.name.clone(),
+        level: plan.level,
+        chunk: plan.chunk,
+        queue_depth: plan.queue_depth,
+        policy: plan.policy.clone(),
+    };
+    let (array, report) = raidcore::assemble(&spec, members, pool, force).await?;
+    for m in &report.initialised {
+        tracing::info!(array = %plan.name, member = %m, "initialised member superblock");
+    }
+    for m in &report.stale {
+        tracing::warn!(array = %plan.name, member = %m, "member missed writes while out of service: kept faulty");
+    }
+    Ok((Arc::new(array), report))
+}
+
+struct Running {
+    plan: ArrayPlan,
+    array: ArrayRef,
+}
+
+pub struct Daemon {
+    arrays: Vec<Running>,
+    servers: Vec<(ListenAddr, Arc<NbdServer>)>,
+    pool: BufPool,
+    started: Instant,
+}
+
+impl Daemon {
+    /// Assemble every array and start its NBD listeners. On failure, arrays already
+    /// assembled are shut down cleanly before the error is returned.
+    pub async fn start(layout: &Layout, force: bool) -> Result<Daemon> {
+        let plans = layout.plan()?;
+        let pool = BufPool::new(&PoolConfig::default()).context("cannot map the buffer pool")?;
+        let mut d = Daemon {
+            arrays: Vec::new(),
+            servers: Vec::new(),
+            pool: pool.clone(),
+            started: Instant::now(),
+        };
+        if let Err(e) = d.bring_up(plans, force).await {
+            d.stop().await.ok();
+            return Err(e);
+        }
+        Ok(d)
+    }
+
+    async fn bring_up(&mut self, plans: Vec<ArrayPlan>, force: bool) -> Result<()> {
+        for plan in plans {
+            let (array, _) = assemble_plan(&plan, self.pool.clone(), force).await?;
+            tracing::info!(
+                array = %plan.name,
+                level = plan.level.name(),
+                size = array.size(),
+                state = ?array.state(),
+                "array assembled"
+            );
+            self.arrays.push(Running { plan, array });
+        }
+        // One NBD server per listen address, serving the exports that name it.
+        let mut by_addr: BTreeMap<ListenAddr, Vec<Export>> = BTreeMap::new();
+        for r in &self.arrays {
+            for l in &r.plan.nbd_listen {
+                by_addr.entry(l.clone()).or_default().push(Export {
+                    name: r.plan.nbd_name.clone(),
+                    description: r.plan.nbd_description.clone(),
+                    array: r.array.clone(),
+                });
+            }
+        }
+        for (addr, exports) in by_addr {
+            let server = NbdServer::new(exports);
+            server
+                .listen(&addr.to_string())
+                .await
+                .with_context(|| format!("NBD listener {addr}"))?;
+            tracing::info!(listen = %addr, "NBD listener up");
+            self.servers.push((addr, server));
+        }
+        Ok(())
+    }
+
+    /// Stop accepting, drain, flush, mark clean. Safe to call once per daemon.
+    pub async fn stop(&self) -> Result<()> {
+        for (_, s) in &self.servers {
+            s.shutdown(DRAIN_TIMEOUT).await;
+        }
+        let mut first_err = None;
+        for r in &self.arrays {
+            match r.array.shutdown().await {
+                Ok(()) => tracing::info!(array = %r.plan.name, "array stopped clean"),
+                Err(e) => {
+                    tracing::error!(array = %r.plan.name, error = %e, "array stop: flush failed");
+                    first_err.get_or_insert(anyhow::anyhow!("array {}: {e}", r.plan.name));
+                }
+            }
+        }
+        for (addr, _) in &self.servers {
+            if let ListenAddr::Unix(p) = addr {
+                let _ = std::fs::remove_file(p);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// Human instructions for attaching each export.
+    pub fn attach_help(&self) -> String {
+        let mut s = String::new();
+        for r in &self.arrays {
+            let name = &r.plan.nbd_name;
+            s += &format!(
+                "array {} ({}, {} bytes) is exported over NBD as '{name}':\n",
+                r.plan.name,
+                r.plan.level.name(),
+                r.array.size()
+            );
+            for l in &r.plan.nbd_listen {
+                let uri = match l {
+                    ListenAddr::Tcp(a) => format!("nbd://{a}/{name}"),
+                    ListenAddr::Unix(p) => format!("nbd+unix:///{name}?socket={}", p.display()),
+                };
+                s += &format!("  {uri}\n");
+            }
+            if let Some(uri) = r.plan.nbd_listen.first().map(|l| match l {
+                ListenAddr::Tcp(a) => format!("nbd://{a}/{name}"),
+                ListenAddr::Unix(p) => format!("nbd+unix:///{name}?socket={}", p.display()),
+            }) {
+                s += &format!(
+                    "  try:     qemu-io -f raw -c 'write -P 0xab 0 1M' -c 'read -P 0xab 0 1M' '{uri}'\n  mount:   mkdir -p /mnt/nbd && nbdfuse /mnt/nbd/{name} '{uri}' &  then  losetup -f --show /mnt/nbd/{name}/nbd\n"
+                );
+                if let Some(ListenAddr::Tcp(a)) = r
+                    .plan
+                    .nbd_listen
+                    .iter()
+                    .find(|l| matches!(l, ListenAddr::Tcp(_)))
+                {
+                    s += &format!(
+                        "  kernel:  nbd-client {} {} /dev/nbd0 -N {name}\n",
+                        a.ip(),
+                        a.port()
+                    );
+                }
+            }
+        }
+        s
+    }
+
+    pub fn status(&self) -> Status {
+        Status {
+            daemon: DaemonStatus {
+                pid: std::process::id(),
+                version: env!("CARGO_PKG_VERSION").to_string(),
+                uptime_secs: self.started.elapsed().as_secs(),
+                buffer_pool: self
+                    .pool
+                    .usage()
+                    .into_iter()
+                    .map(|(buffer_bytes, free, total)| PoolClass {
+                        buffer_bytes,
+                        free,
+                        total,
+                    })
+                    .collect(),
+            },
+            arrays: self.arrays.iter().map(|r| self.array_status(r)).collect(),
+        }
+    }
+
+    fn array_status(&self, r: &Running) -> ArrayStatus {
+        let a = &r.array;
+        let (in_flight, waiting) = a.queue().load();
+        let mut exports = Vec::new();
+        for (addr, server) in &self.servers {
+            if r.plan.nbd_listen.contains(addr) {
+                exports.push(ExportStatus {
+                    kind: "nbd".into(),
+                    name: r.plan.nbd_name.clone(),
+                    listen: addr.to_string(),
+                    connections: server.connections(),
+                });
+            }
+        }
+        ArrayStatus {
+            name: r.plan.name.clone(),
+            uuid: a.uuid.to_string(),
+            level: r.plan.level.name().into(),
+            chunk: if r.plan.level.uses_chunk() {
+                r.plan.chunk
+            } else {
+                0
+            },
+            size: a.size(),
+            block_size: a.block_size(),
+            state: enum_text(&a.state()),
+            queue: QueueStatus {
+                policy: a.queue().policy_name().into(),
+                depth: a.queue().depth(),
+                in_flight,
+                waiting,
+            },
+            exports,
+            members: a
+                .members()
+                .iter()
+                .enumerate()
+                .map(|(index, m)| member_status(index, m))
+                .collect(),
+        }
+    }
+
+    /// Mark a member faulty (operator request). `member` is an index or an address.
+    pub async fn fail_member(&self, array: &str, member: &str) -> Result<()> {
+        let r = self
+            .arrays
+            .iter()
+            .find(|r| r.plan.name == array)
+            .with_context(|| format!("no array named '{array}'"))?;
+        let idx = member
+            .parse::<usize>()
+            .ok()
+            .filter(|&i| i < r.array.members().len())
+            .or_else(|| {
+                r.array
+                    .members()
+                    .iter()
+                    .position(|m| m.info().address == member)
+            })
+            .with_context(|| {
+                format!("array {array} has no member '{member}' (give its index or address)")
+            })?;
+        if !r.array.fail_member(idx).await {
+            bail!("member {member} of array {array} is already faulty");
+        }
+        Ok(())
+    }
+}
+
+fn enum_text<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_value(v)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+fn member_status(index: usize, m: &raidcore::MemberSlot) -> MemberStatus {
+    let info = m.info();
+    let st = m.stats.snapshot();
+    let (state, fault) = match m.state() {
+        MemberState::Healthy => ("healthy".to_string(), None),
+        MemberState::Faulty(r) => ("faulty".to_string(), Some(fault_text(&r))),
+    };
+    MemberStatus {
+        index,
+        address: info.address.clone(),
+        locality: enum_text(&info.class),
+        protocol: enum_text(&info.proto),
+        engine: info.engine.to_string(),
+        size: info.size,
+        block_size: info.block_size,
+        state,
+        fault,
+        in_flight: st.in_flight,
+        completed: st.completed,
+        errors: st.errors,
+        bytes_read: st.bytes_read,
+        bytes_written: st.bytes_written,
+    }
+}
+
+fn fault_text(r: &raidcore::FaultReason) -> String {
+    use raidcore::FaultReason::*;
+    match r {
+        IoError(e) => format!("io error: {e}"),
+        Timeout => "timeout".into(),
+        Disconnected => "disconnected".into(),
+        TooSmall => "too small".into(),
+        Stale => "stale (missed writes while out of service)".into(),
+        Operator => "failed by operator".into(),
+    }
+}
+
+/// Run the daemon in the foreground until SIGINT or SIGTERM.
+pub async fn run(args: DaemonArgs) -> Result<()> {
+    let layout = match &args.config {
+        Some(p) => Layout::load(p)?,
+        None => default_layout(&args.data_dir)?,
+    };
+    let socket = args
+        .mgmt_socket
+        .clone()
+        .or_else(|| layout.daemon.as_ref().and_then(|d| d.mgmt_socket.clone()))
+        .unwrap_or_else(crate::mgmt_api::default_socket);
+    let listener = crate::mgmt_api::bind(&socket).await?;
+    let daemon = match Daemon::start(&layout, args.force).await {
+        Ok(d) => Arc::new(d),
+        Err(e) => {
+            let _ = std::fs::remove_file(&socket);
+            return Err(e);
+        }
+    };
+    let api = crate::mgmt_api::serve(listener, daemon.clone());
+    println!("{}", daemon.attach_help());
+    println!(
+        "management socket: {} (try: uniblk status --socket {0})",
+        socket.display()
+    );
+    wait_for_signal().await?;
+    tracing::info!("stopping: draining in-flight I/O");
+    api.abort();
+    let r = daemon.stop().await;
+    let _ = std::fs::remove_file(&socket);
+    tracing::info!("stopped");
+    r
+}
+
+async fn wait_for_signal() -> Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+    Ok(())
+}

@@ -1,0 +1,79 @@
+//! What `uniblk status` shows: the daemon's view of every array, export and member. The
+//! same types serialise in the daemon and deserialise in the CLI.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Status {
+    pub daemon: DaemonStatus,
+    pub arrays: Vec<ArrayStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DaemonStatus {
+    pub pid: u32,
+    pub version: String,
+    pub uptime_secs: u64,
+    pub buffer_pool: Vec<PoolClass>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PoolClass {
+    pub buffer_bytes: usize,
+    pub free: usize,
+    pub total: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ArrayStatus {
+    pub name: String,
+    pub uuid: String,
+    pub level: String,
+    pub chunk: u64,
+    pub size: u64,
+    pub block_size: u32,
+    /// optimal | degraded | failed
+    pub state: String,
+    pub queue: QueueStatus,
+    pub exports: Vec<ExportStatus>,
+    pub members: Vec<MemberStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct QueueStatus {
+    pub policy: String,
+    pub depth: usize,
+    pub in_flight: usize,
+    pub waiting: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ExportStatus {
+    /// "nbd" (later "ublk")
+    pub kind: String,
+    pub name: String,
+    pub listen: String,
+    pub connections: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MemberStatus {
+    pub index: usize,
+    pub address: String,
+    /// local | remote
+    pub locality: String,
+    pub protocol: String,
+    pub engine: String,
+    pub size: u64,
+    pub block_size: u32,
+    /// healthy | faulty
+    pub state: String,
+    /// Why it is faulty, when it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fault: Option<String>,
+    pub in_flight: u64,
+    pub completed: u64,
+    pub errors: u64,
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+}
