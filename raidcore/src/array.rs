@@ -349,7 +349,7 @@ impl Array {
                 Ok(()) => return Ok(()),
                 Err(e) => {
                     if redundant {
-                        self.fault(c.member, FaultReason::IoError(e.to_string()))
+                        self.fault(c.member, FaultReason::from_error(&e))
                             .await;
                     }
                     last = e;
@@ -397,7 +397,7 @@ impl Array {
         }
         for (c, r) in targets.iter().zip(results) {
             if let Err(e) = r {
-                self.fault(c.member, FaultReason::IoError(e.to_string()))
+                self.fault(c.member, FaultReason::from_error(&e))
                     .await;
             }
         }

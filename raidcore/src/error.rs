@@ -17,6 +17,12 @@ pub enum IoError {
     NoSpace(String),
     #[error("array is shutting down")]
     Shutdown,
+    /// A remote member did not answer in time.
+    #[error("timed out: {0}")]
+    Timeout(String),
+    /// A remote member's connection is gone and could not be re-established in time.
+    #[error("disconnected: {0}")]
+    Disconnected(String),
     #[error("{0}: errno {1}")]
     Errno(String, i32),
 }
@@ -30,6 +36,8 @@ impl IoError {
             IoError::NotSupported(_) => libc::EOPNOTSUPP,
             IoError::NoSpace(_) => libc::ENOSPC,
             IoError::Shutdown => libc::ESHUTDOWN,
+            IoError::Timeout(_) => libc::ETIMEDOUT,
+            IoError::Disconnected(_) => libc::ENOTCONN,
             IoError::Errno(_, e) => *e,
         }
     }

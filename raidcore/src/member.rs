@@ -68,6 +68,18 @@ pub enum FaultReason {
     Operator,
 }
 
+impl FaultReason {
+    /// The reason a failed I/O gives for taking its member out of service.
+    pub fn from_error(e: &crate::error::IoError) -> Self {
+        use crate::error::IoError;
+        match e {
+            IoError::Timeout(_) => FaultReason::Timeout,
+            IoError::Disconnected(_) => FaultReason::Disconnected,
+            other => FaultReason::IoError(other.to_string()),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "state", rename_all = "snake_case")]
 pub enum MemberState {

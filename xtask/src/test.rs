@@ -79,6 +79,12 @@ fn lint(summary: &mut Summary) {
 fn tests(summary: &mut Summary, root: &Path, filters: &[String]) -> Result<()> {
     if nextest_available() {
         let config = nextest_tool_config(root)?;
+        // Doctests first (nextest does not run them), so the log closes on the real run's
+        // totals.
+        let mut doc = cargo();
+        doc.args(["test", "--workspace", "--doc", "--no-fail-fast", "--"])
+            .args(filters);
+        summary.command("cargo test --doc", &mut doc);
         let mut cmd = cargo();
         cmd.arg("nextest")
             .arg(format!("--tool-config-file=xtask:{}", config.display()))
@@ -86,11 +92,6 @@ fn tests(summary: &mut Summary, root: &Path, filters: &[String]) -> Result<()> {
             .args(["--test-threads", TEST_THREADS])
             .args(filters);
         summary.command("cargo nextest run", &mut cmd);
-        // nextest does not run doctests.
-        let mut doc = cargo();
-        doc.args(["test", "--workspace", "--doc", "--no-fail-fast", "--"])
-            .args(filters);
-        summary.command("cargo test --doc", &mut doc);
     } else {
         println!("xtask: cargo-nextest not installed; using cargo test");
         let mut cmd = cargo();
