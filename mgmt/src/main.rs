@@ -1,6 +1,7 @@
 //! `uniblk`: run, create and inspect uniblk arrays.
 
 mod create;
+mod member_cmd;
 mod status_view;
 
 use std::path::PathBuf;
@@ -39,18 +40,9 @@ enum Cmd {
     /// Operate on one member of a running array.
     Member {
         #[command(subcommand)]
-        cmd: MemberCmd,
-    },
-}
-
-#[derive(Subcommand, Debug)]
-enum MemberCmd {
-    /// Mark a member faulty: it takes no more I/O (mirrors carry on without it).
-    Fail {
-        array: String,
-        /// The member's index or address.
-        member: String,
-        #[arg(long)]
+        cmd: member_cmd::MemberCmd,
+        /// Management socket [default: $UNIBLK_SOCKET or /run/uniblk/ublkd.sock].
+        #[arg(long, global = true)]
         socket: Option<PathBuf>,
     },
 }
@@ -76,19 +68,7 @@ async fn run(cmd: Cmd) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Member {
-            cmd:
-                MemberCmd::Fail {
-                    array,
-                    member,
-                    socket: s,
-                },
-        } => {
-            let req = json!({"cmd": "member_fail", "array": array, "member": member});
-            ublkd::mgmt_api::request(&socket(s), &req).await?;
-            println!("member {member} of array {array} marked faulty");
-            Ok(())
-        }
+        Cmd::Member { cmd, socket: s } => member_cmd::run(cmd, &socket(s)).await,
     }
 }
 

@@ -57,15 +57,20 @@ impl FrontBuf {
 pub struct Array {
     pub name: String,
     pub uuid: Uuid,
-    level: Box<dyn Level>,
-    members: Vec<MemberSlot>,
+    pub(crate) level: Box<dyn Level>,
+    pub(crate) members: Vec<MemberSlot>,
     data_offset: u64,
     block_size: u32,
     queue: IoQueue,
-    pool: BufPool,
+    pub(crate) pool: BufPool,
     closed: AtomicBool,
     rmw_locks: Vec<AsyncMutex<()>>,
-    superblocks: AsyncMutex<Vec<Superblock>>,
+    pub(crate) superblocks: AsyncMutex<Vec<Superblock>>,
+    /// Front writes hold it shared; a rebuild holds it exclusively while it copies a
+    /// stretch, so a copy never interleaves with a write to the same range.
+    pub(crate) resync_gate: tokio::sync::RwLock<()>,
+    /// One rebuild at a time per array.
+    pub(crate) rebuilding: AtomicBool,
 }
 
 impl Array {
@@ -87,7 +92,7 @@ impl Array {
             .unwrap_or(crate::superblock::DEFAULT_DATA_OFFSET);
         let block_size = members
             .iter()
-            .map(|m| m.info().block_size)
+            .map(|m| m.member().info().block_size)
             .max()
             .unwrap_or(512)
             .max(512);
@@ -103,6 +108,8 @@ impl Array {
             closed: AtomicBool::new(false),
             rmw_locks: (0..RMW_LOCKS).map(|_| AsyncMutex::new(())).collect(),
             superblocks: AsyncMutex::new(superblocks),
+            resync_gate: tokio::sync::RwLock::new(()),
+            rebuilding: AtomicBool::new(false),
         }
     }
 
@@ -154,7 +161,9 @@ impl Array {
 
     /// Whether write-zeroes is fast on every member (NBD_CMD_FLAG_FAST_ZERO).
     pub fn fast_zero(&self) -> bool {
-        self.members.iter().all(|m| m.info().caps.write_zeroes)
+        self.members
+            .iter()
+            .all(|m| m.member().info().caps.write_zeroes)
     }
 
     pub fn state(&self) -> ArrayState {
@@ -308,7 +317,7 @@ impl Array {
         guards
     }
 
-    fn map(&self, offset: u64, len: u64) -> Vec<Piece> {
+    pub(crate) fn map(&self, offset: u64, len: u64) -> Vec<Piece> {
         let mut pieces = Vec::with_capacity(4);
         self.level.map(offset, len, &mut pieces);
         pieces
@@ -324,7 +333,7 @@ impl Array {
     }
 
     /// Read a piece from its best healthy copy, falling back to the others.
-    async fn read_piece(&self, piece: &Piece, buf: IoBuf) -> IoResult {
+    pub(crate) async fn read_piece(&self, piece: &Piece, buf: IoBuf) -> IoResult {
         let mut order: smallvec::SmallVec<[Copy; 4]> = piece
             .copies
             .iter()
@@ -335,7 +344,7 @@ impl Array {
         order.sort_by_key(|c| {
             let m = &self.members[c.member];
             (
-                m.info().class != Class::Local,
+                m.member().info().class != Class::Local,
                 m.stats.in_flight.load(Ordering::Relaxed),
             )
         });
@@ -349,8 +358,7 @@ impl Array {
                 Ok(()) => return Ok(()),
                 Err(e) => {
                     if redundant {
-                        self.fault(c.member, FaultReason::from_error(&e))
-                            .await;
+                        self.fault(c.member, FaultReason::from_error(&e)).await;
                     }
                     last = e;
                 }
@@ -360,6 +368,9 @@ impl Array {
     }
 
     async fn write_aligned(&self, offset: u64, buf: IoBuf, op: Op, fua: bool) -> IoResult {
+        // Held for the whole write: a rebuild copying this range waits for it, and it waits
+        // for a copy in progress (see rebuild.rs).
+        let _gate = self.resync_gate.read().await;
         let pieces = self.map(offset, buf.len() as u64);
         if pieces.len() == 1 {
             return self.write_piece(&pieces[0], buf, op, fua).await;
@@ -373,16 +384,17 @@ impl Array {
         results.into_iter().collect()
     }
 
-    /// Write a piece to every healthy copy. It succeeds when at least one copy took it;
-    /// copies that failed are marked faulty so they are never read stale.
+    /// Write a piece to every copy that takes writes (healthy or rebuilding). It succeeds
+    /// when at least one healthy copy took it; copies that failed are marked faulty so
+    /// they are never read stale.
     async fn write_piece(&self, piece: &Piece, buf: IoBuf, op: Op, fua: bool) -> IoResult {
         let targets: smallvec::SmallVec<[Copy; 4]> = piece
             .copies
             .iter()
             .copied()
-            .filter(|c| self.members[c.member].is_healthy())
+            .filter(|c| self.members[c.member].takes_writes())
             .collect();
-        if targets.is_empty() {
+        if !targets.iter().any(|c| self.members[c.member].is_healthy()) {
             return Err(IoError::Io(format!(
                 "array {}: no healthy copy to write",
                 self.name
@@ -392,13 +404,22 @@ impl Array {
             return self.member_io(targets[0], op, buf, fua).await;
         }
         let results = join_all(targets.iter().map(|&c| self.member_io(c, op, buf, fua))).await;
-        if results.iter().all(|r| r.is_err()) {
-            return results.into_iter().next().unwrap_or(Ok(()));
+        let healthy_ok = targets
+            .iter()
+            .zip(&results)
+            .any(|(c, r)| r.is_ok() && self.members[c.member].is_healthy());
+        if !healthy_ok {
+            let first = results.into_iter().find(|r| r.is_err());
+            return first.unwrap_or_else(|| {
+                Err(IoError::Io(format!(
+                    "array {}: no healthy copy took the write",
+                    self.name
+                )))
+            });
         }
         for (c, r) in targets.iter().zip(results) {
             if let Err(e) = r {
-                self.fault(c.member, FaultReason::from_error(&e))
-                    .await;
+                self.fault(c.member, FaultReason::from_error(&e)).await;
             }
         }
         Ok(())
@@ -501,12 +522,12 @@ impl Array {
 
     /// Mark a member faulty and record it: the healthy members' event counters move
     /// ahead, so the faulty one is known stale at the next assembly even after a crash.
-    async fn fault(&self, member: usize, reason: FaultReason) {
+    pub(crate) async fn fault(&self, member: usize, reason: FaultReason) {
         let slot = &self.members[member];
         if slot.fail(reason.clone()) {
             tracing::error!(
                 array = %self.name,
-                member = %slot.info().address,
+                member = %slot.member().info().address,
                 ?reason,
                 state = ?self.state(),
                 "member marked faulty"
@@ -517,9 +538,39 @@ impl Array {
         }
     }
 
+    /// Probe every remote member in service once: record the round trip, and take a member
+    /// that does not answer out of service when the array can spare it. The probe is not
+    /// wrapped in a timeout here: dropping a member future mid-flight is never allowed (see
+    /// IoBuf), so each member bounds its own probe with its request deadline.
+    pub async fn probe_members(&self) {
+        for (i, slot) in self.members.iter().enumerate() {
+            let m = slot.member();
+            if m.info().class != Class::Remote || !slot.takes_writes() {
+                continue;
+            }
+            let start = std::time::Instant::now();
+            match m.probe().await {
+                Ok(()) => slot
+                    .stats
+                    .last_probe_us
+                    .store(start.elapsed().as_micros().max(1) as u64, Ordering::Relaxed),
+                Err(e) => {
+                    slot.stats.probes_failed.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(array = %self.name, member = %m.info().address, error = %e, "health probe failed");
+                    let mut failed: Vec<bool> =
+                        self.members.iter().map(|m| !m.is_healthy()).collect();
+                    failed[i] = true;
+                    if self.level.tolerates(&failed) {
+                        self.fault(i, FaultReason::from_error(&e)).await;
+                    }
+                }
+            }
+        }
+    }
+
     /// Mark a member faulty on an operator's request.
     pub async fn fail_member(&self, member: usize) -> bool {
-        if member >= self.members.len() || !self.members[member].is_healthy() {
+        if member >= self.members.len() || !self.members[member].takes_writes() {
             return false;
         }
         self.fault(member, FaultReason::Operator).await;
@@ -537,7 +588,7 @@ impl Array {
             }
             sb.events = events;
             sb.state = state;
-            if let Err(e) = write_superblock(&self.pool, &*self.members[i].member, sb).await {
+            if let Err(e) = write_superblock(&self.pool, &*self.members[i].member(), sb).await {
                 first_err.get_or_insert(e);
             }
         }
@@ -550,9 +601,9 @@ impl Array {
     }
 
     /// One I/O to one member, through the queue, with capability emulation.
-    async fn member_io(&self, c: Copy, op: Op, buf: IoBuf, fua: bool) -> IoResult {
+    pub(crate) async fn member_io(&self, c: Copy, op: Op, buf: IoBuf, fua: bool) -> IoResult {
         let slot = &self.members[c.member];
-        let caps = slot.info().caps;
+        let caps = slot.member().info().caps;
         match op {
             Op::Flush if !caps.flush => return Ok(()),
             Op::Trim if !caps.discard => return Ok(()),
@@ -566,7 +617,7 @@ impl Array {
 
     /// Dispatch, then flush if FUA was asked of a member that has no native FUA.
     async fn dispatch_fua(&self, c: Copy, op: Op, buf: IoBuf, fua: bool) -> IoResult {
-        let caps = self.members[c.member].info().caps;
+        let caps = self.members[c.member].member().info().caps;
         self.dispatch(c, op, buf, fua && caps.fua).await?;
         if fua && !caps.fua && caps.flush {
             self.dispatch(c, Op::Flush, IoBuf::empty(), false).await?;
@@ -600,7 +651,8 @@ impl Array {
     /// Tag the I/O, wait for a queue slot, submit, count.
     async fn dispatch(&self, c: Copy, op: Op, buf: IoBuf, fua: bool) -> IoResult {
         let slot = &self.members[c.member];
-        let info = slot.info();
+        let member = slot.member();
+        let info = member.info();
         let len = buf.len() as u64;
         let tag = Tag {
             id: next_tag_id(),
@@ -622,7 +674,7 @@ impl Array {
         };
         let _slot = self.queue.admit(tag).await;
         slot.stats.in_flight.fetch_add(1, Ordering::Relaxed);
-        let r = slot.member.submit(MemberIo { tag, buf: data }).await;
+        let r = member.submit(MemberIo { tag, buf: data }).await;
         slot.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
         match &r {
             Ok(()) => {
@@ -651,7 +703,7 @@ impl Array {
         self.closed.store(true, Ordering::Release);
         let r = r.and(self.write_superblocks(SbState::Clean).await);
         for m in &self.members {
-            m.member.close();
+            m.member().close();
         }
         r
     }
@@ -667,7 +719,7 @@ impl Array {
 }
 
 /// The part of `buf` a piece covers.
-fn sub(buf: IoBuf, p: &Piece) -> IoBuf {
+pub(crate) fn sub(buf: IoBuf, p: &Piece) -> IoBuf {
     debug_assert!(p.req_off + p.len <= buf.len() as u64);
     // SAFETY: the piece lies inside the request's buffer, which the request keeps alive.
     unsafe { IoBuf::from_raw(buf.as_ptr().add(p.req_off as usize), p.len as usize) }

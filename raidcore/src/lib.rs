@@ -10,6 +10,7 @@ pub mod io;
 pub mod level;
 pub mod member;
 pub mod queue;
+pub mod rebuild;
 pub mod superblock;
 
 pub use array::{Array, ArrayRef, ArrayState, FrontBuf};
@@ -19,3 +20,4 @@ pub use error::{IoError, IoResult};
 pub use io::{Class, Flags, FrontIo, IoBuf, MemberIo, Op, Proto, Tag};
 pub use level::LevelKind;
 pub use member::{Caps, FaultReason, IoFuture, Member, MemberInfo, MemberSlot, MemberState};
+pub use rebuild::RebuildError;

@@ -4,7 +4,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use serde::Serialize;
 
@@ -49,6 +49,12 @@ pub trait Member: Send + Sync + 'static {
     /// Perform one I/O. The returned future is always polled to completion.
     fn submit(&self, io: MemberIo) -> IoFuture<'_>;
 
+    /// A request the member must answer, for health checks (remote members send one over
+    /// the wire). The caller times it. Local members have nothing to ask.
+    fn probe(&self) -> IoFuture<'_> {
+        Box::pin(std::future::ready(Ok(())))
+    }
+
     /// Release resources (flush is done by the core before this). Idempotent.
     fn close(&self) {}
 }
@@ -66,6 +72,8 @@ pub enum FaultReason {
     Stale,
     /// An operator said so.
     Operator,
+    /// An operator took it out of the array (`member remove`); its slot awaits `member add`.
+    Removed,
 }
 
 impl FaultReason {
@@ -85,6 +93,9 @@ impl FaultReason {
 pub enum MemberState {
     Healthy,
     Faulty(FaultReason),
+    /// Being refilled from its mirrors: it takes every write but serves no read until the
+    /// copy completes.
+    Rebuilding,
 }
 
 /// Counters the core keeps per member; read by status and by read balancing.
@@ -95,6 +106,9 @@ pub struct MemberStats {
     pub errors: AtomicU64,
     pub bytes_read: AtomicU64,
     pub bytes_written: AtomicU64,
+    /// Round trip of the last successful health probe, in microseconds (0: never probed).
+    pub last_probe_us: AtomicU64,
+    pub probes_failed: AtomicU64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -104,6 +118,8 @@ pub struct StatsSnapshot {
     pub errors: u64,
     pub bytes_read: u64,
     pub bytes_written: u64,
+    pub last_probe_us: u64,
+    pub probes_failed: u64,
 }
 
 impl MemberStats {
@@ -114,42 +130,75 @@ impl MemberStats {
             errors: self.errors.load(Ordering::Relaxed),
             bytes_read: self.bytes_read.load(Ordering::Relaxed),
             bytes_written: self.bytes_written.load(Ordering::Relaxed),
+            last_probe_us: self.last_probe_us.load(Ordering::Relaxed),
+            probes_failed: self.probes_failed.load(Ordering::Relaxed),
         }
     }
 }
 
-/// A member as the array holds it.
+/// How far a rebuild has come, in bytes of array address space.
+#[derive(Debug, Default)]
+pub struct RebuildProgress {
+    pub done: AtomicU64,
+    pub total: AtomicU64,
+}
+
+/// A member as the array holds it. The member itself can be swapped (`member add` into a
+/// removed slot); callers take a reference with `member()` for the span of one I/O.
 pub struct MemberSlot {
-    pub member: Arc<dyn Member>,
+    member: RwLock<Arc<dyn Member>>,
     pub stats: MemberStats,
+    pub rebuild: RebuildProgress,
     state: Mutex<MemberState>,
 }
 
 impl MemberSlot {
     pub fn new(member: Arc<dyn Member>) -> Self {
         MemberSlot {
-            member,
+            member: RwLock::new(member),
             stats: MemberStats::default(),
+            rebuild: RebuildProgress::default(),
             state: Mutex::new(MemberState::Healthy),
         }
     }
 
-    pub fn info(&self) -> &MemberInfo {
-        self.member.info()
+    pub fn member(&self) -> Arc<dyn Member> {
+        self.member
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Put a new member in this slot; returns the old one.
+    pub fn replace(&self, m: Arc<dyn Member>) -> Arc<dyn Member> {
+        std::mem::replace(
+            &mut *self.member.write().unwrap_or_else(|e| e.into_inner()),
+            m,
+        )
     }
 
     pub fn state(&self) -> MemberState {
         self.state.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
+    pub fn set_state(&self, s: MemberState) {
+        *self.state.lock().unwrap_or_else(|e| e.into_inner()) = s;
+    }
+
+    /// Serves reads and counts as a copy of the data.
     pub fn is_healthy(&self) -> bool {
         matches!(self.state(), MemberState::Healthy)
     }
 
-    /// Mark faulty; returns true if this call changed the state.
+    /// Receives writes: healthy, or being rebuilt.
+    pub fn takes_writes(&self) -> bool {
+        matches!(self.state(), MemberState::Healthy | MemberState::Rebuilding)
+    }
+
+    /// Mark faulty; returns true if this call took it out of service.
     pub fn fail(&self, reason: FaultReason) -> bool {
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if *st == MemberState::Healthy {
+        if matches!(*st, MemberState::Healthy | MemberState::Rebuilding) {
             *st = MemberState::Faulty(reason);
             true
         } else {

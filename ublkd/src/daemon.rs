@@ -17,6 +17,9 @@ use crate::status::*;
 /// How long a stop waits for NBD clients' in-flight requests.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How often remote members are probed.
+const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
+
 /// Options shared by `ublkd` and `uniblk up`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct DaemonArgs {
@@ -306,30 +309,100 @@ impl Daemon {
         }
     }
 
-    /// Mark a member faulty (operator request). `member` is an index or an address.
-    pub async fn fail_member(&self, array: &str, member: &str) -> Result<()> {
-        let r = self
-            .arrays
+    fn array(&self, array: &str) -> Result<&ArrayRef> {
+        self.arrays
             .iter()
             .find(|r| r.plan.name == array)
-            .with_context(|| format!("no array named '{array}'"))?;
-        let idx = member
+            .map(|r| &r.array)
+            .with_context(|| {
+                let names: Vec<&str> = self.arrays.iter().map(|r| r.plan.name.as_str()).collect();
+                format!("no array named '{array}' (arrays: {})", names.join(", "))
+            })
+    }
+
+    /// A member by index or address.
+    fn member_index(a: &ArrayRef, member: &str) -> Result<usize> {
+        member
             .parse::<usize>()
             .ok()
-            .filter(|&i| i < r.array.members().len())
-            .or_else(|| {
-                r.array
-                    .members()
-                    .iter()
-                    .position(|m| m.info().address == member)
-            })
-            .with_context(|| {
-                format!("array {array} has no member '{member}' (give its index or address)")
-            })?;
-        if !r.array.fail_member(idx).await {
-            bail!("member {member} of array {array} is already faulty");
+            .filter(|&i| i < a.members().len())
+            .or_else(|| a.members().iter().position(|m| m.member().info().address == member))
+            .with_context(|| format!("array {} has no member '{member}' (give its index or address; see uniblk status)", a.name))
+    }
+
+    /// Mark a member faulty (operator request). `member` is an index or an address.
+    pub async fn fail_member(&self, array: &str, member: &str) -> Result<()> {
+        let a = self.array(array)?;
+        let idx = Self::member_index(a, member)?;
+        if !a.fail_member(idx).await {
+            bail!("member {member} of array {array} is already out of service");
         }
         Ok(())
+    }
+
+    /// Start rebuilding a faulty member from its mirrors; returns once it has started.
+    pub async fn readd_member(
+        &self,
+        array: &str,
+        member: &str,
+        rate: Option<u64>,
+    ) -> Result<usize> {
+        let a = self.array(array)?.clone();
+        let idx = Self::member_index(&a, member)?;
+        // Refusals are reported at once; the copy itself runs in the background and its
+        // progress shows in status.
+        a.check_rebuildable(idx)?;
+        tokio::spawn(async move {
+            if let Err(e) = a.rebuild(idx, rate).await {
+                tracing::error!(error = %e, "rebuild failed");
+            }
+        });
+        Ok(idx)
+    }
+
+    /// Take a faulty member out of its slot.
+    pub async fn remove_member(&self, array: &str, member: &str) -> Result<String> {
+        let a = self.array(array)?;
+        let idx = Self::member_index(a, member)?;
+        let m = a.remove_member(idx).await?;
+        let address = m.info().address.clone();
+        Ok(address)
+    }
+
+    /// Open `address` and put it into empty slot `slot`; then `re-add` rebuilds it.
+    pub async fn add_member(&self, array: &str, slot: usize, address: &str) -> Result<()> {
+        let a = self.array(array)?;
+        if self.arrays.iter().any(|r| {
+            r.array
+                .members()
+                .iter()
+                .any(|m| m.member().info().address == address)
+        }) {
+            bail!("member {address} is already in use by a running array");
+        }
+        let parsed = backends::addr::parse(address)?;
+        let m = backends::addr::open(&parsed, address).await?;
+        if let Err(e) = a.add_member(slot, m.clone()).await {
+            m.close();
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
+    /// Probe remote members of every array periodically until the daemon stops.
+    pub fn spawn_health(self: &Arc<Self>, every: Duration) -> tokio::task::JoinHandle<()> {
+        let d = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                for r in &d.arrays {
+                    if !r.array.is_closed() {
+                        r.array.probe_members().await;
+                    }
+                }
+            }
+        })
     }
 }
 
@@ -341,11 +414,20 @@ fn enum_text<T: serde::Serialize>(v: &T) -> String {
 }
 
 fn member_status(index: usize, m: &raidcore::MemberSlot) -> MemberStatus {
-    let info = m.info();
+    let member = m.member();
+    let info = member.info();
     let st = m.stats.snapshot();
-    let (state, fault) = match m.state() {
-        MemberState::Healthy => ("healthy".to_string(), None),
-        MemberState::Faulty(r) => ("faulty".to_string(), Some(fault_text(&r))),
+    let (state, fault, rebuild) = match m.state() {
+        MemberState::Healthy => ("healthy".to_string(), None, None),
+        MemberState::Faulty(r) => ("faulty".to_string(), Some(fault_text(&r)), None),
+        MemberState::Rebuilding => (
+            "rebuilding".to_string(),
+            None,
+            Some(RebuildStatus {
+                done: m.rebuild.done.load(std::sync::atomic::Ordering::Relaxed),
+                total: m.rebuild.total.load(std::sync::atomic::Ordering::Relaxed),
+            }),
+        ),
     };
     MemberStatus {
         index,
@@ -362,6 +444,9 @@ fn member_status(index: usize, m: &raidcore::MemberSlot) -> MemberStatus {
         errors: st.errors,
         bytes_read: st.bytes_read,
         bytes_written: st.bytes_written,
+        last_probe_us: st.last_probe_us,
+        probes_failed: st.probes_failed,
+        rebuild,
     }
 }
 
@@ -374,6 +459,7 @@ fn fault_text(r: &raidcore::FaultReason) -> String {
         TooSmall => "too small".into(),
         Stale => "stale (missed writes while out of service)".into(),
         Operator => "failed by operator".into(),
+        Removed => "removed by operator (slot empty: uniblk member add)".into(),
     }
 }
 
@@ -397,6 +483,7 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
         }
     };
     let api = crate::mgmt_api::serve(listener, daemon.clone());
+    let health = daemon.spawn_health(HEALTH_INTERVAL);
     println!("{}", daemon.attach_help());
     println!(
         "management socket: {} (try: uniblk status --socket {0})",
@@ -405,6 +492,7 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
     wait_for_signal().await?;
     tracing::info!("stopping: draining in-flight I/O");
     api.abort();
+    health.abort();
     let r = daemon.stop().await;
     let _ = std::fs::remove_file(&socket);
     tracing::info!("stopped");

@@ -28,6 +28,22 @@ enum Request {
         array: String,
         member: String,
     },
+    /// Rebuild a faulty member from its mirrors (`rate`: bytes per second).
+    MemberReadd {
+        array: String,
+        member: String,
+        #[serde(default)]
+        rate: Option<u64>,
+    },
+    MemberRemove {
+        array: String,
+        member: String,
+    },
+    MemberAdd {
+        array: String,
+        slot: usize,
+        address: String,
+    },
 }
 
 /// Bind the socket (refusing if another daemon answers on it) with mode 0600.
@@ -117,10 +133,33 @@ async fn handle(line: &[u8], daemon: &Daemon) -> Value {
     match req {
         Request::Ping => json!({"ok": true}),
         Request::Status => json!({"ok": true, "status": daemon.status()}),
-        Request::MemberFail { array, member } => match daemon.fail_member(&array, &member).await {
-            Ok(()) => json!({"ok": true}),
+        Request::MemberFail { array, member } => reply(daemon.fail_member(&array, &member).await),
+        Request::MemberReadd {
+            array,
+            member,
+            rate,
+        } => match daemon.readd_member(&array, &member, rate).await {
+            Ok(index) => json!({"ok": true, "index": index}),
             Err(e) => json!({"ok": false, "error": format!("{e:#}")}),
         },
+        Request::MemberRemove { array, member } => {
+            match daemon.remove_member(&array, &member).await {
+                Ok(address) => json!({"ok": true, "address": address}),
+                Err(e) => json!({"ok": false, "error": format!("{e:#}")}),
+            }
+        }
+        Request::MemberAdd {
+            array,
+            slot,
+            address,
+        } => reply(daemon.add_member(&array, slot, &address).await),
+    }
+}
+
+fn reply(r: Result<()>) -> Value {
+    match r {
+        Ok(()) => json!({"ok": true}),
+        Err(e) => json!({"ok": false, "error": format!("{e:#}")}),
     }
 }
 

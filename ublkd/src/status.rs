@@ -76,4 +76,18 @@ pub struct MemberStatus {
     pub errors: u64,
     pub bytes_read: u64,
     pub bytes_written: u64,
+    /// Round trip of the last health probe in microseconds (remote members; 0: none yet).
+    #[serde(default)]
+    pub last_probe_us: u64,
+    #[serde(default)]
+    pub probes_failed: u64,
+    /// While rebuilding: bytes of array space copied so far, and the total.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rebuild: Option<RebuildStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RebuildStatus {
+    pub done: u64,
+    pub total: u64,
 }
