@@ -218,11 +218,17 @@ pub async fn assemble(
         };
         let sb = match (f, &reference) {
             (Ok(sb), Some(r)) if sb.array_uuid == r.array_uuid => {
-                if sb.level != spec.level
+                let mismatch = sb.level != spec.level
                     || sb.members as usize != n
                     || sb.chunk != chunk
-                    || sb.role as usize != i
-                {
+                    || sb.role as usize != i;
+                if mismatch && force {
+                    // The operator asked to re-create the array over these members.
+                    report.initialised.push(address);
+                    sbs.push(fresh());
+                    continue;
+                }
+                if mismatch {
                     return Err(AssembleError::Mismatch {
                         address,
                         array: spec.name.clone(),

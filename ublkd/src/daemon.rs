@@ -41,7 +41,20 @@ pub struct DaemonArgs {
     pub data_dir: PathBuf,
 }
 
+const LEVELS: &[&str] = &["off", "error", "warn", "info", "debug", "trace"];
+
 pub fn init_logging(level: &str) -> Result<()> {
+    // A bare word is a level; tracing would otherwise read it as a module name and log
+    // nothing, silently.
+    for directive in level.split(',') {
+        let d = directive.trim();
+        if !d.contains('=') && !LEVELS.contains(&d.to_ascii_lowercase().as_str()) {
+            bail!(
+                "--log-level '{level}': '{d}' is not a level (use one of {}, or a filter like ublkd=debug,info)",
+                LEVELS.join(", ")
+            );
+        }
+    }
     let filter = tracing_subscriber::EnvFilter::try_new(level).with_context(|| {
         format!("--log-level '{level}' is not a level (error, warn, info, debug, trace)")
     })?;
@@ -209,6 +222,15 @@ impl Daemon {
         let mut s = String::new();
         for r in &self.arrays {
             let name = &r.plan.nbd_name;
+            if r.plan.nbd_listen.is_empty() {
+                s += &format!(
+                    "array {} ({}, {} bytes) has no NBD listener (add export.nbd = {{ listen = [...] }} to the layout)\n",
+                    r.plan.name,
+                    r.plan.level.name(),
+                    r.array.size()
+                );
+                continue;
+            }
             s += &format!(
                 "array {} ({}, {} bytes) is exported over NBD as '{name}':\n",
                 r.plan.name,
