@@ -2,6 +2,7 @@
 
 mod create;
 mod member_cmd;
+mod scan;
 mod status_view;
 
 use std::path::PathBuf;
@@ -37,6 +38,13 @@ enum Cmd {
         #[arg(long)]
         socket: Option<PathBuf>,
     },
+    /// List what a server offers: `uniblk scan nbd://HOST[:PORT]` lists its exports and sizes.
+    Scan {
+        target: String,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Operate on one member of a running array.
     Member {
         #[command(subcommand)]
@@ -68,6 +76,7 @@ async fn run(cmd: Cmd) -> Result<()> {
             }
             Ok(())
         }
+        Cmd::Scan { target, json } => scan::run(&target, json).await,
         Cmd::Member { cmd, socket: s } => member_cmd::run(cmd, &socket(s)).await,
     }
 }
