@@ -64,10 +64,11 @@ impl Level {
 }
 
 /// The arrays the per-level tests run: member file sizes chosen so md's size rules matter
-/// (unequal linear members, raid0 zones, raid1 using the smallest member, raid10 over 3
-/// members with an odd number of chunk rows).
-const LINEAR: (Level, &[u64]) = (Level::Linear, &[64 * MIB, 80 * MIB, 48 * MIB]);
-const RAID0: (Level, &[u64]) = (Level::Raid0, &[64 * MIB, 64 * MIB, 96 * MIB]);
+/// (unequal linear members, one not a whole number of 4 KiB blocks; raid0 zones with a
+/// member that is not a whole number of chunks; raid1 using the smallest member; raid10
+/// over 3 members with an odd number of chunk rows).
+const LINEAR: (Level, &[u64]) = (Level::Linear, &[64 * MIB, 80 * MIB + 4096 + 1000, 48 * MIB]);
+const RAID0: (Level, &[u64]) = (Level::Raid0, &[64 * MIB, 64 * MIB, 96 * MIB + 20 * KIB]);
 const RAID1: (Level, &[u64]) = (Level::Raid1, &[64 * MIB, 72 * MIB]);
 const RAID10_4: (Level, &[u64]) = (Level::Raid10, &[64 * MIB; 4]);
 const RAID10_3: (Level, &[u64]) = (
@@ -242,7 +243,7 @@ impl Rig {
             name,
             port,
             members,
-            files: files,
+            files,
         }
     }
 
@@ -585,32 +586,37 @@ fn pattern_round_trip(level: Level, file_sizes: &[u64]) {
     let mut rig = Rig::start(level, file_sizes);
     let mut spans = spans(&rig.geo, 0);
     let size = rig.size();
-    // Write-zeroes punched unaligned into the middle of a FUA-written range.
-    let z = 50 * MIB + 100;
-    let zero_cmds = [
-        format!("write -f -P 0xc3 {z} 300000"),
-        format!("write -z {} 200000", z + 4000),
-    ];
+    // Write-zeroes (plain and may-unmap) and a discard punched unaligned into the middle of
+    // FUA-written ranges: zeroes read back as zero, and nothing outside the punched range
+    // changes (a discard's own range may read as anything).
     let mut guarded = guards(&spans, size);
-    spans.extend([
-        Span {
-            off: z,
-            len: 4000,
-            fill: Fill::Byte(0xc3),
-        },
-        Span {
-            off: z + 4000,
-            len: 200_000,
-            fill: Fill::Byte(0),
-        },
-        Span {
-            off: z + 204_000,
-            len: 96_000,
-            fill: Fill::Byte(0xc3),
-        },
-    ]);
-    guarded.extend([(z - 512, 512), (z + 300_000, 512)]);
-    rig.write_spans(&spans[..spans.len() - 3], &zero_cmds);
+    let written = spans.len();
+    let mut cmds = Vec::new();
+    for (i, (op, inner)) in [
+        ("write -z", true),
+        ("write -z -u", true),
+        ("discard", false),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let (z, len, hole_at, hole) = (50 * MIB + 100 + i as u64 * MIB, 300_000, 4000, 200_000);
+        let b = fill(200 + i);
+        cmds.push(format!("write -f -P {b:#04x} {z} {len}"));
+        cmds.push(format!("{op} {} {hole}", z + hole_at));
+        let span = |off, len, fill| Span { off, len, fill };
+        spans.push(span(z, hole_at, Fill::Byte(b)));
+        if inner {
+            spans.push(span(z + hole_at, hole, Fill::Byte(0)));
+        }
+        spans.push(span(
+            z + hole_at + hole,
+            len - hole_at - hole,
+            Fill::Byte(b),
+        ));
+        guarded.extend([(z - 512, 512), (z + len, 512)]);
+    }
+    rig.write_spans(&spans[..written], &cmds);
     // Each range keeps its own content (no later write clobbered it), the bytes around
     // each stay zero.
     rig.verify_spans(&spans, &guarded);
@@ -691,11 +697,11 @@ fn nbdinfo_reports_md_sizes_and_capabilities_for_every_level() {
 /// fio's nbd engine, 2 jobs (one connection each) on disjoint regions of `per_job` bytes,
 /// randwrite then crc32c verification of every block. Panics unless fio succeeded with no
 /// errors and every job wrote and verified its whole region.
-fn fio_verified(uri: &str, per_job: u64, bs: &str, extra: &[&str]) -> Value {
+fn fio_verified(uri: &str, per_job: u64, bs: &str) -> Value {
     let uri_arg = format!("--uri={uri}");
     let size = format!("--size={per_job}");
     let incr = format!("--offset_increment={per_job}");
-    let mut args = vec![
+    let args = [
         "--name=verify",
         "--ioengine=nbd",
         &uri_arg,
@@ -710,7 +716,6 @@ fn fio_verified(uri: &str, per_job: u64, bs: &str, extra: &[&str]) -> Value {
         "--verify_fatal=1",
         "--verify_state_save=0",
     ];
-    args.extend_from_slice(extra);
     let (ok, report) = fixtures::fio(&args).unwrap_or_else(|e| panic!("{e:#}"));
     assert!(ok, "fio {args:?} failed:\n{report:#}");
     let jobs = report["jobs"].as_array().expect("fio jobs");
@@ -738,12 +743,11 @@ fn fio_round(level: Level, file_sizes: &[u64]) {
     }
     let mut rig = Rig::start(level, file_sizes);
     assert!(rig.size() >= 128 * MIB);
-    fio_verified(&rig.uri(), 32 * MIB, "--bs=4k", &[]);
+    fio_verified(&rig.uri(), 32 * MIB, "--bs=4k");
     fio_verified(
         &rig.unix_uri(),
         64 * MIB,
         "--bssplit=4k/30:8k/10:16k/15:64k/20:100k/5:128k/20",
-        &[],
     );
     rig.assert_members_healthy();
     rig.stop_clean();
@@ -793,7 +797,7 @@ impl Rng {
 }
 
 /// ~200 files in nested directories, sizes up to 1 MiB (mostly small, some edge sizes).
-fn treefiles() -> Vec<(PathBuf, usize, u64)> {
+fn tree_files() -> Vec<(PathBuf, usize, u64)> {
     let mut rng = Rng::new(42);
     (0..200u64)
         .map(|i| {
@@ -816,7 +820,7 @@ fn treefiles() -> Vec<(PathBuf, usize, u64)> {
 }
 
 fn write_tree(root: &Path) {
-    for (rel, size, seed) in treefiles() {
+    for (rel, size, seed) in tree_files() {
         let p = root.join(&rel);
         std::fs::create_dir_all(p.parent().unwrap()).unwrap();
         std::fs::write(&p, Rng::new(seed).bytes(size)).unwrap();
@@ -824,7 +828,7 @@ fn write_tree(root: &Path) {
 }
 
 fn verify_tree(root: &Path) {
-    for (rel, size, seed) in treefiles() {
+    for (rel, size, seed) in tree_files() {
         let p = root.join(&rel);
         let got = std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
         assert_eq!(got.len(), size, "{} size", p.display());
@@ -991,7 +995,10 @@ fn restart_round(level: Level, file_sizes: &[u64]) {
         .collect();
     rig.write_spans(&second, &["flush".into()]);
     let status = rig.daemon.kill9().unwrap();
-    assert!(!status.success(), "kill -9 cannot be a clean exit: {status}");
+    assert!(
+        !status.success(),
+        "kill -9 cannot be a clean exit: {status}"
+    );
     let expect: Vec<Span> = first
         .iter()
         .enumerate()
@@ -1044,7 +1051,7 @@ impl RawClient {
         assert_eq!(&g[8..16], b"IHAVEOPT");
     }
 
-    /// Fixed newstyle, no zeroes, then NBD_OPT_GO for `name`. Returns the export size.
+    /// Fixed newstyle, no zeroes, then NBD_OPT_GO for `name`: ready for requests.
     fn handshake(port: u16, name: &str) -> RawClient {
         let mut c = RawClient::connect(port);
         c.greeting();
@@ -1102,6 +1109,15 @@ impl RawClient {
         ))
     }
 
+    /// NBD_CMD_READ that must succeed; returns the data.
+    fn read(&mut self, offset: u64, len: u32) -> Vec<u8> {
+        let handle = offset ^ 0x5eed;
+        self.request(0, handle, offset, len, &[]);
+        let reply = self.reply();
+        assert_eq!(reply, Some((0, handle)), "read of {len} bytes at {offset}");
+        self.read_n(len as usize)
+    }
+
     /// Whether the server closes the connection (rather than staying silent) in time.
     fn closed_by_server(&mut self) -> bool {
         let mut b = [0u8; 4096];
@@ -1140,7 +1156,7 @@ fn misbehaving_clients_do_not_hurt_the_daemon_or_other_clients() {
         thread::spawn(move || {
             let mut runs = 0;
             while runs == 0 || !stop.load(Ordering::Relaxed) {
-                fio_verified(&uri, 16 * MIB, "--bsrange=4k-64k", &[]);
+                fio_verified(&uri, 16 * MIB, "--bsrange=4k-64k");
                 runs += 1;
             }
             runs
@@ -1259,6 +1275,75 @@ fn misbehaving_clients_do_not_hurt_the_daemon_or_other_clients() {
     rig.assert_on_members(target, &vec![0x5a; target_len as usize]);
 }
 
+// ---- Concurrent writes sharing blocks ---------------------------------------------
+
+/// Two connections, each pipelining 2000 writes of 500 bytes without waiting for replies,
+/// interleaved so every 4 KiB block (and most 512-byte sectors) is shared by writes from
+/// both connections that are in flight at once. Every write must land: a
+/// read-modify-write that is not serialised per block loses some of them. Two rounds, the
+/// second over the first's data, so a stale read-modify-write shows too.
+#[test]
+fn concurrent_unaligned_writes_sharing_blocks_all_land() {
+    const N: u64 = 2000;
+    const PIECE: u64 = 500;
+    if !fixtures::require("qemu-io") {
+        return;
+    }
+    let mut rig = Rig::start(RAID10_3.0, RAID10_3.1);
+    // Start just before a chunk boundary: the region crosses 31 chunks.
+    let base = 7 * CHUNK - 1234;
+    let region = 2 * N * PIECE;
+    let piece = move |conn: u64, k: u64| base + (2 * k + conn) * PIECE;
+    let seed = |round: u64, conn: u64| 7000 + 10 * round + conn;
+    for round in 0..2 {
+        let writers: Vec<_> = (0..2u64)
+            .map(|conn| {
+                let (port, name) = (rig.port, rig.name.clone());
+                thread::spawn(move || {
+                    let mut c = RawClient::handshake(port, &name);
+                    for k in 0..N {
+                        let off = piece(conn, k);
+                        let data = fixtures::pattern(seed(round, conn), off, PIECE as usize);
+                        c.request(1, k, off, PIECE as u32, &data);
+                    }
+                    let mut seen = vec![false; N as usize];
+                    for _ in 0..N {
+                        let (err, h) = c.reply().expect("server closed mid-run");
+                        assert_eq!(err, 0, "write {h} of connection {conn} failed");
+                        assert!(!std::mem::replace(&mut seen[h as usize], true));
+                    }
+                })
+            })
+            .collect();
+        for w in writers {
+            w.join().expect("a writer failed");
+        }
+        let mut c = RawClient::handshake(rig.port, &rig.name);
+        let got = c.read(base, region as u32);
+        for k in 0..N {
+            for conn in 0..2 {
+                let off = piece(conn, k);
+                let at = (off - base) as usize;
+                fixtures::verify_pattern(seed(round, conn), off, &got[at..at + PIECE as usize])
+                    .unwrap_or_else(|e| panic!("round {round}, connection {conn}: {e:#}"));
+            }
+        }
+        // Untouched neighbours stay zero.
+        qemu_io(
+            &rig.uri(),
+            &zero_cmds(&[(base - 4096, 4096), (base + region, 4096)]),
+        );
+    }
+    rig.assert_members_healthy();
+    rig.stop_clean();
+    for k in 0..N {
+        for conn in 0..2 {
+            let off = piece(conn, k);
+            rig.assert_on_members(off, &fixtures::pattern(seed(1, conn), off, PIECE as usize));
+        }
+    }
+}
+
 // ---- SIGTERM while busy -------------------------------------------------------------
 
 /// Test 8: SIGTERM during a heavy fio write run: the daemon drains, exits 0 within 30 s,
@@ -1292,6 +1377,17 @@ fn sigterm_under_load_drains_and_marks_superblocks_clean() {
         assert!(Instant::now() < deadline, "fio never connected");
         thread::sleep(Duration::from_millis(20));
     }
+    // Clients that hold connections without finishing anything must not hold up the stop:
+    // one that never negotiates, one idle after negotiating, one stuck half-way through
+    // a request header, one stuck half-way through a write payload.
+    let mut idle = vec![RawClient::connect(rig.port)];
+    idle.push(RawClient::handshake(rig.port, &rig.name));
+    let mut c = RawClient::handshake(rig.port, &rig.name);
+    c.s.write_all(&0x2560_9513u32.to_be_bytes()).unwrap();
+    idle.push(c);
+    let mut c = RawClient::handshake(rig.port, &rig.name);
+    c.request(1, 1, 0, 65536, &[0xab; 1000]);
+    idle.push(c);
     thread::sleep(Duration::from_secs(2));
     let busy = rig.status();
     let written: u64 = busy["members"]
@@ -1303,6 +1399,7 @@ fn sigterm_under_load_drains_and_marks_superblocks_clean() {
     assert!(written > 0, "fio had not written anything yet: {busy}");
 
     rig.stop_clean();
+    drop(idle);
     let log = rig.daemon.log();
     assert!(log.contains("SIGTERM received"), "{log}");
     rig.assert_superblocks_clean();
@@ -1314,4 +1411,74 @@ fn sigterm_under_load_drains_and_marks_superblocks_clean() {
     assert_eq!(rig.status()["state"], "optimal", "{}", rig.status());
     rig.stop_clean();
     rig.assert_superblocks_clean();
+}
+
+/// SIGTERM while a client pipelines unaligned writes: every write the daemon acknowledged
+/// before it went away is on the members afterwards (the drain finishes what it accepted),
+/// and the daemon still stops clean.
+#[test]
+fn sigterm_keeps_every_acknowledged_write() {
+    const LEN: u64 = 4096;
+    let mut rig = Rig::start(RAID0.0, RAID0.1);
+    let off = |k: u64| 100 + k * LEN; // every write straddles two 4 KiB blocks
+    let max = (rig.size() - 100) / LEN;
+    let mut c = RawClient::handshake(rig.port, &rig.name);
+    let mut replies = RawClient {
+        s: c.s.try_clone().unwrap(),
+    };
+    let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let writer = {
+        let sent = sent.clone();
+        thread::spawn(move || {
+            for k in 0..max {
+                let data = fixtures::pattern(99, off(k), LEN as usize);
+                let mut q = Vec::with_capacity(28 + LEN as usize);
+                q.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+                q.extend_from_slice(&[0, 0, 0, 1]); // flags 0, NBD_CMD_WRITE
+                q.extend_from_slice(&k.to_be_bytes());
+                q.extend_from_slice(&off(k).to_be_bytes());
+                q.extend_from_slice(&(LEN as u32).to_be_bytes());
+                q.extend_from_slice(&data);
+                if c.s.write_all(&q).is_err() {
+                    break;
+                }
+                sent.store(k + 1, Ordering::Relaxed);
+            }
+        })
+    };
+    let acks = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let acker = {
+        let acks = acks.clone();
+        thread::spawn(move || {
+            let mut acked = Vec::new();
+            while let Some((err, h)) = replies.reply() {
+                // NBD_ESHUTDOWN: refused because the server is stopping (not acknowledged).
+                if err == 108 {
+                    continue;
+                }
+                assert_eq!(err, 0, "write {h} failed");
+                acked.push(h);
+                acks.fetch_add(1, Ordering::Relaxed);
+            }
+            acked
+        })
+    };
+    // SIGTERM with about a thousand writes acknowledged and many more in flight.
+    let deadline = Instant::now() + IO_TIMEOUT;
+    while acks.load(Ordering::Relaxed) < 1000 {
+        assert!(Instant::now() < deadline, "the writer is stuck");
+        thread::sleep(Duration::from_millis(5));
+    }
+    rig.stop_clean();
+    let acked = acker.join().expect("every acknowledged write succeeded");
+    writer.join().unwrap();
+    assert!(
+        acked.len() >= 1000,
+        "only {} writes were acknowledged",
+        acked.len()
+    );
+    rig.assert_superblocks_clean();
+    for k in acked {
+        rig.assert_on_members(off(k), &fixtures::pattern(99, off(k), LEN as usize));
+    }
 }
