@@ -10,7 +10,8 @@
 //! | `iscsi://[user[%password]@]host[:port]/target-iqn/lun` | iSCSI (qemu/libiscsi form) |
 //! | `aoe:IFACE/SHELF.SLOT` | ATA over Ethernet, e.g. `aoe:eth0/7.3` |
 //!
-//! Remote addresses parse (so layouts can be checked) but do not open yet in this build.
+//! NBD addresses open an [`crate::nbd::NbdMember`]; iSCSI and AoE addresses parse (so
+//! layouts can be checked) but do not open yet in this build.
 //! Local paths must be absolute: the daemon's working directory is nobody's business.
 //! `file:` and `dev:` are hints: the type found on disk decides (see [`crate::local`]).
 
@@ -134,6 +135,12 @@ pub enum OpenError {
     },
     #[error("member {addr}: the open was abandoned ({reason}); retry")]
     Abandoned { addr: String, reason: String },
+    /// A remote member's connection or handshake failed (the error names the server).
+    #[error("member {addr}: {error}")]
+    Remote {
+        addr: String,
+        error: crate::nbd::NbdError,
+    },
 }
 
 impl OpenError {
@@ -177,6 +184,7 @@ impl OpenError {
             OpenError::NotStorage { .. } | OpenError::Empty { .. } => libc::EINVAL,
             OpenError::Unsupported { .. } => libc::EOPNOTSUPP,
             OpenError::Abandoned { .. } => libc::EIO,
+            OpenError::Remote { error, .. } => error.errno(),
         }
     }
 }
@@ -200,7 +208,9 @@ pub fn parse(s: &str) -> Result<MemberAddr, AddrError> {
         "dev" => local_path(addr, rest, "dev").map(MemberAddr::Dev),
         "mem" => member_size(addr, rest).map(MemberAddr::Mem),
         "null" => member_size(addr, rest).map(MemberAddr::Null),
-        "nbd" | "nbds" => remote(addr, rest, "nbd", NBD_FORM).map(|uri| MemberAddr::Nbd { uri }),
+        "nbd" | "nbds" => remote(addr, rest, "nbd", NBD_FORM)
+            .and_then(|uri| check_nbd(uri, NBD_FORM))
+            .map(|uri| MemberAddr::Nbd { uri }),
         "nbd+unix" | "nbds+unix" => parse_nbd_unix(addr, rest),
         "iscsi" => parse_iscsi(addr, rest),
         "aoe" => parse_aoe(addr, rest),
@@ -283,7 +293,20 @@ fn parse_nbd_unix(addr: &str, rest: &str) -> Result<MemberAddr, AddrError> {
             form: NBD_UNIX_FORM,
         });
     }
-    Ok(MemberAddr::Nbd { uri })
+    check_nbd(uri, NBD_UNIX_FORM).map(|uri| MemberAddr::Nbd { uri })
+}
+
+/// The NBD client's own URI parser has the last word (ports, IPv6 brackets, %-escapes);
+/// TLS URIs parse here and are refused at open, with their own message.
+fn check_nbd(uri: String, form: &'static str) -> Result<String, AddrError> {
+    match crate::nbd::NbdUri::parse(&uri) {
+        Err(crate::nbd::NbdError::BadUri { .. }) => Err(AddrError::Malformed {
+            addr: uri,
+            proto: "nbd",
+            form,
+        }),
+        _ => Ok(uri),
+    }
 }
 
 /// iscsi://[auth@]host[:port]/target/lun: a host, a target and a numeric LUN.
@@ -382,11 +405,15 @@ pub async fn open(addr: &MemberAddr, text: &str) -> Result<Arc<dyn Member>, Open
             }),
         },
         MemberAddr::Null(size) => Ok(Arc::new(crate::null::NullMember::new(text, *size))),
-        MemberAddr::Nbd { .. } => Err(unsupported(
-            text,
-            "nbd",
-            "attach it with nbd-client (or qemu-nbd --connect) and use dev:/dev/nbdN meanwhile",
-        )),
+        MemberAddr::Nbd { .. } => {
+            match crate::nbd::NbdMember::open(text, crate::nbd::NbdOptions::default()).await {
+                Ok(m) => Ok(Arc::new(m)),
+                Err(error) => Err(OpenError::Remote {
+                    addr: text.to_string(),
+                    error,
+                }),
+            }
+        }
         MemberAddr::Iscsi { .. } => Err(unsupported(
             text,
             "iscsi",
@@ -551,6 +578,10 @@ mod tests {
             ("null:lots", "is not a size"),
             ("nbd:host", "expected nbd://host[:port]/export"),
             ("nbd://", "expected nbd://"),
+            ("nbd://h:port/e", "expected nbd://"),
+            ("nbd://h:0/e", "expected nbd://"),
+            ("nbd://[::1/e", "expected nbd://"),
+            ("nbd://h/%zz", "expected nbd://"),
             ("nbd+unix:///e", "socket="),
             ("nbd+unix:///e?socket=", "socket="),
             ("iscsi://h/iqn.x", "expected iscsi://"),
@@ -578,13 +609,8 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn remote_members_do_not_open_yet() {
-        for (text, proto) in [
-            ("nbd://h/e", "nbd"),
-            ("nbd+unix:///e?socket=/s", "nbd"),
-            ("iscsi://h/iqn.x/0", "iscsi"),
-            ("aoe:eth0/1.2", "aoe"),
-        ] {
+    async fn iscsi_and_aoe_members_do_not_open_yet() {
+        for (text, proto) in [("iscsi://h/iqn.x/0", "iscsi"), ("aoe:eth0/1.2", "aoe")] {
             let addr = parse(text).expect(text);
             let e = open(&addr, text).await.err().expect(text);
             let msg = e.to_string();
@@ -592,6 +618,31 @@ mod tests {
             assert!(msg.starts_with(&want), "{msg}");
             assert_eq!(e.errno(), libc::EOPNOTSUPP);
         }
+    }
+
+    #[tokio::test]
+    async fn nbd_member_with_no_server_says_so() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port");
+        let text = format!("nbd://127.0.0.1:{port}/x");
+        let e = open(&parse(&text).unwrap(), &text).await.err().unwrap();
+        assert_eq!(
+            e.to_string(),
+            format!("member {text}: cannot connect: Connection refused; is the server running?")
+        );
+        assert_eq!(e.errno(), libc::ECONNREFUSED);
+        let text = "nbd+unix:///x?socket=/nonexistent-uniblk/s.sock";
+        let e = open(&parse(text).unwrap(), text).await.err().unwrap();
+        assert!(
+            e.to_string()
+                .contains("nothing listens at /nonexistent-uniblk/s.sock"),
+            "{e}"
+        );
+        let text = "nbds://127.0.0.1/x";
+        let e = open(&parse(text).unwrap(), text).await.err().unwrap();
+        assert!(e.to_string().contains("TLS"), "{e}");
     }
 
     #[tokio::test]

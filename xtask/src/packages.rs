@@ -9,18 +9,20 @@ use anyhow::{bail, Context, Result};
 /// Every Debian package a test or the build needs. Add to this list when a test starts
 /// driving a new peer; `cargo xtask test` installs whatever is missing.
 pub const PACKAGES: &[&str] = &[
-    "nbdkit",       // NBD member server, error/delay filters
-    "libnbd-bin",   // nbdinfo, nbdcopy, nbdsh: NBD client oracles
-    "nbdfuse",      // NBD export as a file, for loop devices (bookworm: in libnbd-bin)
-    "fio",          // load and verification (nbd engine built in)
-    "nbd-server",   // NBD server without structured replies
-    "fuse3",        // fusermount3, for nbdfuse
-    "e2fsprogs",    // mkfs.ext4, fsck.ext4
-    "qemu-utils",   // qemu-nbd, qemu-io, qemu-img
-    "util-linux",   // losetup, mount
-    "libclang1-14", // bindgen for libublk at build time
-    "iproute2",     // ip netns, tc: AoE tests
-    "kmod",         // modprobe
+    "nbdkit",            // NBD member server, error/delay filters
+    "libnbd-bin",        // nbdinfo, nbdcopy, nbdsh: NBD client oracles
+    "nbdfuse",           // NBD export as a file, for loop devices (bookworm: in libnbd-bin)
+    "fio",               // load and verification (nbd engine built in)
+    "nbd-server",        // NBD server without structured replies
+    "fuse3",             // fusermount3, for nbdfuse
+    "e2fsprogs",         // mkfs.ext4, fsck.ext4
+    "qemu-utils",        // qemu-nbd, qemu-io, qemu-img
+    "util-linux",        // losetup, mount
+    "libclang1-14",      // bindgen for libublk at build time
+    "iproute2",          // ip netns, tc: AoE tests
+    "kmod",              // modprobe
+    "fonts-dejavu-core", // the benchmark chart's font
+    "nbd-client",        // the kernel NBD client, in the guest tests (cargo xtask vm-test)
 ];
 
 /// Installs the packages in [`PACKAGES`] that are missing. Without root it prints the

@@ -377,6 +377,105 @@ pub fn encode_rep_meta_context(id: u32, name: &str) -> Vec<u8> {
     b
 }
 
+// ---- Handshake, client side ----------------------------------------------------------
+
+/// NBD_OPT_INFO / NBD_OPT_GO request payload: name length, name, count of information
+/// requests, the requested NBD_INFO_* types.
+pub fn encode_info_request(name: &[u8], requests: &[u16]) -> Vec<u8> {
+    let mut b = Vec::with_capacity(6 + name.len() + 2 * requests.len());
+    b.extend_from_slice(&(name.len() as u32).to_be_bytes());
+    b.extend_from_slice(name);
+    b.extend_from_slice(&(requests.len() as u16).to_be_bytes());
+    for r in requests {
+        b.extend_from_slice(&r.to_be_bytes());
+    }
+    b
+}
+
+/// One NBD_REP_INFO payload, decoded. Types a client does not know, and known types of
+/// the wrong length, come back as `Other` so the caller decides (the spec asks clients to
+/// ignore unknown information types).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Info {
+    Export { size: u64, tflags: u16 },
+    BlockSize { min: u32, preferred: u32, max: u32 },
+    Name(String),
+    Description(String),
+    Other(u16),
+}
+
+pub fn decode_info(p: &[u8]) -> Option<Info> {
+    if p.len() < 2 {
+        return None;
+    }
+    let text = || String::from_utf8_lossy(&p[2..]).into_owned();
+    Some(match (be16(p, 0), p.len()) {
+        (INFO_EXPORT, 12) => Info::Export {
+            size: be64(p, 2),
+            tflags: be16(p, 10),
+        },
+        (INFO_BLOCK_SIZE, 14) => Info::BlockSize {
+            min: be32(p, 2),
+            preferred: be32(p, 6),
+            max: be32(p, 10),
+        },
+        (INFO_NAME, _) => Info::Name(text()),
+        (INFO_DESCRIPTION, _) => Info::Description(text()),
+        (t, _) => Info::Other(t),
+    })
+}
+
+/// NBD_REP_SERVER payload: (name, description). None when the name length does not fit.
+pub fn decode_rep_server(p: &[u8]) -> Option<(String, String)> {
+    if p.len() < 4 {
+        return None;
+    }
+    let nlen = be32(p, 0) as usize;
+    let name = p.get(4..4usize.checked_add(nlen)?)?;
+    let desc = &p[4 + nlen..];
+    Some((
+        String::from_utf8_lossy(name).into_owned(),
+        String::from_utf8_lossy(desc).into_owned(),
+    ))
+}
+
+/// The spec's name for an option reply type, for messages.
+pub fn rep_name(typ: u32) -> &'static str {
+    match typ {
+        REP_ACK => "NBD_REP_ACK",
+        REP_SERVER => "NBD_REP_SERVER",
+        REP_INFO => "NBD_REP_INFO",
+        REP_META_CONTEXT => "NBD_REP_META_CONTEXT",
+        REP_ERR_UNSUP => "NBD_REP_ERR_UNSUP",
+        REP_ERR_POLICY => "NBD_REP_ERR_POLICY",
+        REP_ERR_INVALID => "NBD_REP_ERR_INVALID",
+        REP_ERR_PLATFORM => "NBD_REP_ERR_PLATFORM",
+        REP_ERR_TLS_REQD => "NBD_REP_ERR_TLS_REQD",
+        REP_ERR_UNKNOWN => "NBD_REP_ERR_UNKNOWN",
+        REP_ERR_SHUTDOWN => "NBD_REP_ERR_SHUTDOWN",
+        REP_ERR_BLOCK_SIZE_REQD => "NBD_REP_ERR_BLOCK_SIZE_REQD",
+        REP_ERR_TOO_BIG => "NBD_REP_ERR_TOO_BIG",
+        REP_ERR_EXT_HEADER_REQD => "NBD_REP_ERR_EXT_HEADER_REQD",
+        _ => "an unknown reply",
+    }
+}
+
+/// The spec's name for a command, for messages.
+pub fn cmd_name(typ: u16) -> &'static str {
+    match typ {
+        CMD_READ => "READ",
+        CMD_WRITE => "WRITE",
+        CMD_DISC => "DISC",
+        CMD_FLUSH => "FLUSH",
+        CMD_TRIM => "TRIM",
+        CMD_CACHE => "CACHE",
+        CMD_WRITE_ZEROES => "WRITE_ZEROES",
+        CMD_BLOCK_STATUS => "BLOCK_STATUS",
+        CMD_RESIZE => "RESIZE",
+        _ => "an unknown command",
+    }
+}
+
 // ---- Transmission -------------------------------------------------------------------
 
 /// A request header (a WRITE's `len` bytes of payload follow it).
@@ -686,6 +785,41 @@ mod tests {
         let (_, m) = decode_error_payload(&p).unwrap();
         assert!(m.len() <= MAX_STRING_LEN && m.chars().all(|c| c == 'é'));
         assert_eq!(decode_error_payload(&[0, 0, 0, 5, 0, 9, b'x']), None);
+    }
+
+    #[test]
+    fn client_side_handshake_payloads_round_trip() {
+        let go = encode_info_request(b"disk", &[INFO_BLOCK_SIZE]);
+        assert_eq!(go, [0, 0, 0, 4, b'd', b'i', b's', b'k', 0, 1, 0, 3]);
+        assert_eq!(
+            decode_info(&encode_info_export(1 << 20, FLAG_HAS_FLAGS)),
+            Some(Info::Export {
+                size: 1 << 20,
+                tflags: FLAG_HAS_FLAGS
+            })
+        );
+        assert_eq!(
+            decode_info(&encode_info_block_size(512, 4096, 1 << 25)),
+            Some(Info::BlockSize {
+                min: 512,
+                preferred: 4096,
+                max: 1 << 25
+            })
+        );
+        assert_eq!(
+            decode_info(&encode_info_string(INFO_NAME, "d")),
+            Some(Info::Name("d".into()))
+        );
+        // A known type with the wrong length is not trusted.
+        assert_eq!(decode_info(&[0, 0, 1]), Some(Info::Other(INFO_EXPORT)));
+        assert_eq!(decode_info(&[0]), None);
+        assert_eq!(
+            decode_rep_server(&encode_rep_server("a", "desc")),
+            Some(("a".into(), "desc".into()))
+        );
+        assert_eq!(decode_rep_server(&[0, 0, 0, 9, b'a']), None);
+        assert_eq!(rep_name(REP_ERR_UNKNOWN), "NBD_REP_ERR_UNKNOWN");
+        assert_eq!(cmd_name(CMD_WRITE_ZEROES), "WRITE_ZEROES");
     }
 
     #[test]

@@ -1,0 +1,184 @@
+//! The PNG chart: per job, one bar per comparison (uniblk / peer of the main figure),
+//! with the 1.0 line where uniblk and the peer are equal.
+
+use std::path::Path;
+
+use anyhow::{anyhow, Context, Result};
+use plotters::coord::types::{RangedCoordf64, RangedCoordi32};
+use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
+use plotters::style::{register_font, FontStyle};
+
+use crate::jobs::JOBS;
+use crate::machine::RunInfo;
+use crate::report::Row;
+
+const SIZE: (u32, u32) = (1400, 720);
+/// Fonts tried in order; plotters' pure-Rust text renderer needs a TTF file
+/// (Debian: fonts-dejavu-core).
+const FONTS: [&str; 3] = [
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf",
+    "/usr/share/fonts/truetype/freefont/FreeSans.ttf",
+];
+const COLORS: [RGBColor; 6] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(148, 103, 189),
+    RGBColor(214, 39, 40),
+    RGBColor(140, 86, 75),
+];
+
+/// One bar series: a peer in a group, with its ratio per job (JOBS order).
+struct Series {
+    label: String,
+    ratios: Vec<Option<f64>>,
+}
+
+fn series(rows: &[Row]) -> Vec<Series> {
+    let mut out: Vec<Series> = Vec::new();
+    for row in rows.iter().filter(|r| !r.sample.system.is_uniblk()) {
+        let sys = row.sample.system;
+        let label = format!("{}: uniblk / {}", sys.group, sys.name);
+        let idx = match out.iter().position(|s| s.label == label) {
+            Some(i) => i,
+            None => {
+                out.push(Series {
+                    label,
+                    ratios: vec![None; JOBS.len()],
+                });
+                out.len() - 1
+            }
+        };
+        if let Some(j) = JOBS.iter().position(|j| j.name == row.sample.job.name) {
+            out[idx].ratios[j] = row.ratio;
+        }
+    }
+    out
+}
+
+/// Loads a system font once for plotters' text.
+fn load_font() -> Result<()> {
+    let path = FONTS
+        .iter()
+        .find(|p| Path::new(p).is_file())
+        .context("no TTF font found for the chart's text (apt-get install fonts-dejavu-core)")?;
+    let bytes: &'static [u8] = Box::leak(std::fs::read(path)?.into_boxed_slice());
+    register_font("sans-serif", FontStyle::Normal, bytes)
+        .map_err(|_| anyhow!("{path} is not a usable font"))
+}
+
+/// Draws the chart to `path` (PNG); `mode` (quick or full) goes in the title.
+pub fn draw(path: &Path, info: &RunInfo, mode: &str, rows: &[Row]) -> Result<()> {
+    load_font()?;
+    let series = series(rows);
+    if series.is_empty() {
+        return Err(anyhow!("no peer was measured: nothing to compare"));
+    }
+    let root = BitMapBackend::new(path, SIZE).into_drawing_area();
+    root.fill(&WHITE)?;
+    let title = format!(
+        "uniblk / peer, higher is better: {} run {} ({}, commit {})",
+        mode, info.date, info.cpu_model, info.commit
+    );
+    plot(&root, &title, &series)?;
+    root.present()
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+
+type Area<'a> = DrawingArea<BitMapBackend<'a>, plotters::coord::Shift>;
+
+type Chart<'a, 'b> =
+    ChartContext<'a, BitMapBackend<'b>, Cartesian2d<RangedCoordi32, RangedCoordf64>>;
+
+/// Each job takes `stride` x units: a gap, two units per bar, a gap.
+fn plot(root: &Area, title: &str, series: &[Series]) -> Result<()> {
+    let stride = 2 * series.len() as i32 + 2;
+    let width = stride * JOBS.len() as i32;
+    let top = series
+        .iter()
+        .flat_map(|s| s.ratios.iter().flatten())
+        .fold(1.0f64, |a, &b| a.max(b))
+        * 1.15;
+    let mut chart = ChartBuilder::on(root)
+        .caption(title, ("sans-serif", 22))
+        .margin(16)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0..width, 0.0..top)?;
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        // A key point per x unit, so the formatter can put each job's name mid-group.
+        .x_labels(width as usize + 1)
+        .x_label_formatter(&|x| job_label(*x, stride))
+        .y_desc("ratio")
+        .label_style(("sans-serif", 15))
+        .draw()?;
+    for (i, s) in series.iter().enumerate() {
+        draw_bars(&mut chart, s, i, stride)?;
+    }
+    draw_parity_and_legend(&mut chart, width)
+}
+
+/// Series `i`'s bars, each with its value centred over it (a bar is two x units wide).
+fn draw_bars(chart: &mut Chart, s: &Series, i: usize, stride: i32) -> Result<()> {
+    let color = COLORS[i % COLORS.len()];
+    let bars = bars(s, i as i32, stride);
+    chart
+        .draw_series(
+            bars.iter()
+                .map(|&(x, r)| Rectangle::new([(x, 0.0), (x + 2, r)], color.filled())),
+        )?
+        .label(s.label.clone())
+        .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 14, y + 6)], color.filled()));
+    let style = ("sans-serif", 13)
+        .into_font()
+        .color(&BLACK)
+        .pos(Pos::new(HPos::Center, VPos::Bottom));
+    chart.draw_series(
+        bars.iter()
+            .map(|&(x, r)| Text::new(format!("{r:.2}"), (x + 1, r), style.clone())),
+    )?;
+    Ok(())
+}
+
+/// The 1.0 line (uniblk as fast as the peer) and the legend.
+fn draw_parity_and_legend<'a, 'b: 'a>(chart: &mut Chart<'a, 'b>, width: i32) -> Result<()> {
+    chart
+        .draw_series(std::iter::once(PathElement::new(
+            [(0, 1.0), (width, 1.0)],
+            BLACK.stroke_width(2),
+        )))?
+        .label("1.0: as fast as the peer")
+        .legend(|(x, y)| PathElement::new([(x, y), (x + 14, y)], BLACK.stroke_width(2)));
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 14))
+        .draw()?;
+    Ok(())
+}
+
+/// (left x, ratio) of each measured bar of series number `i`.
+fn bars(s: &Series, i: i32, stride: i32) -> Vec<(i32, f64)> {
+    s.ratios
+        .iter()
+        .enumerate()
+        .filter_map(|(j, r)| r.map(|r| (j as i32 * stride + 1 + 2 * i, r)))
+        .collect()
+}
+
+/// The job's name under the middle of its bars, nothing elsewhere.
+fn job_label(x: i32, stride: i32) -> String {
+    let j = (x / stride) as usize;
+    if x % stride == stride / 2 && j < JOBS.len() {
+        JOBS[j].name.to_string()
+    } else {
+        String::new()
+    }
+}

@@ -1,0 +1,67 @@
+//! A server's CPU time and peak memory, from /proc.
+
+use anyhow::{Context, Result};
+
+/// User + system CPU seconds `pid` has used so far, all its threads together.
+pub fn cpu_seconds(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("cannot read /proc/{pid}/stat (did the server exit?)"))?;
+    let ticks = parse_cpu_ticks(&stat).with_context(|| format!("/proc/{pid}/stat: {stat}"))?;
+    Ok(ticks as f64 / clock_ticks_per_sec())
+}
+
+/// utime + stime (fields 14 and 15) of a /proc/PID/stat line. The command name in
+/// parentheses may hold spaces, so fields are counted after its closing parenthesis.
+fn parse_cpu_ticks(stat: &str) -> Option<u64> {
+    let (_, rest) = stat.rsplit_once(')')?;
+    let mut fields = rest.split_whitespace().skip(11); // field 3 (state) is index 0
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(utime + stime)
+}
+
+fn clock_ticks_per_sec() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 {
+        t as f64
+    } else {
+        100.0
+    }
+}
+
+/// Peak resident memory (VmHWM) of `pid`, in KiB.
+pub fn peak_rss_kib(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("cannot read /proc/{pid}/status"))?;
+    parse_vm_hwm(&status).with_context(|| format!("no VmHWM in /proc/{pid}/status"))
+}
+
+fn parse_vm_hwm(status: &str) -> Option<u64> {
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_fields_are_counted_after_the_command_name() {
+        let stat = "4242 (tokio (rt) 1) S 1 4242 4242 0 -1 4194560 100 0 0 0 250 75 3 4 20 0 9";
+        assert_eq!(parse_cpu_ticks(stat), Some(325));
+    }
+
+    #[test]
+    fn vm_hwm_is_read_in_kib() {
+        let status = "Name:\tublkd\nVmPeak:\t  99999 kB\nVmHWM:\t   12345 kB\nVmRSS:\t 100 kB\n";
+        assert_eq!(parse_vm_hwm(status), Some(12345));
+    }
+
+    #[test]
+    fn our_own_process_has_cpu_time_and_memory() {
+        let me = std::process::id();
+        assert!(cpu_seconds(me).unwrap() >= 0.0);
+        assert!(peak_rss_kib(me).unwrap() > 0);
+    }
+}

@@ -1,0 +1,337 @@
+//! Ratios, and the results as a text table, a markdown table and JSON.
+
+use serde_json::{json, Value};
+
+use crate::jobs::{Job, JOBS};
+use crate::machine::RunInfo;
+use crate::run::{Figures, Results, Sample};
+use crate::systems::{System, SYSTEMS};
+
+/// One line of the table: a job on a system, and for a peer how uniblk compares to it.
+#[derive(Debug, Clone)]
+pub struct Row<'a> {
+    pub sample: &'a Sample,
+    pub peak_rss_kib: Option<u64>,
+    /// uniblk's main figure / this peer's (higher is better for uniblk).
+    pub ratio: Option<f64>,
+    /// uniblk's server CPU per I/O / this peer's (lower is better for uniblk).
+    pub cpu_ratio: Option<f64>,
+}
+
+/// Rows grouped by comparison, then by job, uniblk first: each peer's line sits right
+/// under the uniblk line it is compared with.
+pub fn rows(r: &Results) -> Vec<Row<'_>> {
+    let mut out = Vec::new();
+    for group in groups() {
+        for job in &JOBS {
+            let in_group = SYSTEMS.iter().filter(|s| s.group == group);
+            let uniblk = find(r, group, "uniblk", job).and_then(ok);
+            for sys in in_group {
+                let Some(sample) = find(r, group, sys.name, job) else {
+                    continue;
+                };
+                let (ratio, cpu_ratio) = match (sys.is_uniblk(), uniblk, ok(sample)) {
+                    (false, Some(u), Some(p)) => ratios(job, u, p),
+                    _ => (None, None),
+                };
+                out.push(Row {
+                    sample,
+                    peak_rss_kib: peak_rss(r, sys),
+                    ratio,
+                    cpu_ratio,
+                });
+            }
+        }
+    }
+    out
+}
+
+/// Comparison groups in run order.
+fn groups() -> Vec<&'static str> {
+    let mut g: Vec<&'static str> = SYSTEMS.iter().map(|s| s.group).collect();
+    g.dedup();
+    g
+}
+
+fn find<'a>(r: &'a Results, group: &str, name: &str, job: &Job) -> Option<&'a Sample> {
+    r.samples
+        .iter()
+        .find(|s| s.system.group == group && s.system.name == name && s.job.name == job.name)
+}
+
+fn ok(s: &Sample) -> Option<&Figures> {
+    s.outcome.as_ref().ok()
+}
+
+fn peak_rss(r: &Results, sys: &System) -> Option<u64> {
+    r.systems.iter().find(|s| s.system == *sys)?.peak_rss_kib
+}
+
+/// (uniblk / peer main figure, uniblk / peer CPU per I/O).
+pub fn ratios(job: &Job, uniblk: &Figures, peer: &Figures) -> (Option<f64>, Option<f64>) {
+    let main = Some(uniblk.m.main(job) / peer.m.main(job)).filter(|r| r.is_finite());
+    let cpu = uniblk
+        .cpu_per_io_us()
+        .zip(peer.cpu_per_io_us())
+        .map(|(u, p)| u / p)
+        .filter(|r| r.is_finite());
+    (main, cpu)
+}
+
+const HEADER: [&str; 11] = [
+    "group",
+    "system",
+    "job",
+    "result",
+    "lat mean",
+    "lat p99",
+    "CPU s",
+    "CPU/IO",
+    "peak RSS",
+    "uniblk/peer",
+    "CPU/IO u/p",
+];
+
+/// The cells of one row, as text.
+fn cells(row: &Row) -> Vec<String> {
+    let s = row.sample;
+    let mut c = vec![
+        s.system.group.to_string(),
+        s.system.name.to_string(),
+        s.job.name.to_string(),
+    ];
+    match &s.outcome {
+        Ok(f) => c.extend([
+            main_text(&s.job, f),
+            micros(f.m.clat_mean_us),
+            micros(f.m.clat_p99_us),
+            f.cpu_s.map_or("-".into(), |v| format!("{v:.2}")),
+            f.cpu_per_io_us().map_or("-".into(), micros),
+        ]),
+        Err(e) => c.extend([
+            format!("FAILED: {}", first_line(e)),
+            "".into(),
+            "".into(),
+            "".into(),
+            "".into(),
+        ]),
+    }
+    c.push(
+        row.peak_rss_kib
+            .map_or("-".into(), |k| format!("{} MiB", k.div_ceil(1024))),
+    );
+    c.push(row.ratio.map_or("".into(), |r| format!("{r:.2}x")));
+    c.push(row.cpu_ratio.map_or("".into(), |r| format!("{r:.2}x")));
+    c
+}
+
+fn main_text(job: &Job, f: &Figures) -> String {
+    let v = f.m.main(job);
+    if job.by_bandwidth() {
+        format!("{v:.0} MiB/s")
+    } else if v >= 1e4 {
+        format!("{:.1}k IOPS", v / 1e3)
+    } else {
+        format!("{v:.0} IOPS")
+    }
+}
+
+/// Microseconds, switching to milliseconds where that reads better.
+fn micros(us: f64) -> String {
+    if us >= 10_000.0 {
+        format!("{:.1} ms", us / 1e3)
+    } else {
+        format!("{us:.1} us")
+    }
+}
+
+/// An error's first line, cut short enough for a table cell.
+fn first_line(s: &str) -> String {
+    s.lines().next().unwrap_or("").chars().take(100).collect()
+}
+
+/// The table for a terminal: aligned columns, numbers right-aligned.
+pub fn text_table(rows: &[Row]) -> String {
+    let mut all: Vec<Vec<String>> = vec![HEADER.map(String::from).to_vec()];
+    all.extend(rows.iter().map(cells));
+    let widths: Vec<usize> = (0..HEADER.len())
+        .map(|i| all.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for (n, r) in all.iter().enumerate() {
+        // A blank line between comparison groups.
+        if n > 1 && all[n - 1][0] != r[0] {
+            out.push('\n');
+        }
+        let line: Vec<String> = r
+            .iter()
+            .zip(&widths)
+            .enumerate()
+            .map(|(i, (c, w))| {
+                if i < 3 {
+                    format!("{c:<w$}")
+                } else {
+                    format!("{c:>w$}")
+                }
+            })
+            .collect();
+        out += line.join("  ").trim_end();
+        out.push('\n');
+    }
+    out
+}
+
+/// The table as markdown, headed by when, where and what it measured.
+pub fn markdown(info: &RunInfo, results: &Results, rows: &[Row]) -> String {
+    let mut out = format!(
+        "Measured {} on {} ({} cores, Linux {}), commit `{}`{}, {}, a {} run \
+         ({} ms per job after a {} ms warm-up, {} MiB working set). \
+         Ratios are uniblk / peer: above 1.0 uniblk is faster; for CPU/IO below 1.0 it uses \
+         less server CPU per I/O.{}\n\n",
+        info.date,
+        info.cpu_model,
+        info.nproc,
+        info.kernel,
+        info.commit,
+        if info.dirty {
+            " (with uncommitted changes)"
+        } else {
+            ""
+        },
+        info.fio_version,
+        results.plan.mode(),
+        results.plan.runtime.as_millis(),
+        results.plan.warmup.as_millis(),
+        results.plan.size >> 20,
+        results
+            .filter
+            .as_ref()
+            .map_or(String::new(), |f| format!(" Only jobs matching '{f}'.")),
+    );
+    out += &format!("| {} |\n", HEADER.join(" | "));
+    out += &format!(
+        "|{}\n",
+        HEADER
+            .iter()
+            .enumerate()
+            .map(|(i, _)| if i < 3 { "---|" } else { "---:|" })
+            .collect::<String>()
+    );
+    for row in rows {
+        // A '|' in an error message would end its cell.
+        let cells: Vec<String> = cells(row).iter().map(|c| c.replace('|', "\\|")).collect();
+        out += &format!("| {} |\n", cells.join(" | "));
+    }
+    out
+}
+
+/// Everything, for tools and for later comparison of runs.
+pub fn json(info: &RunInfo, results: &Results, rows: &[Row]) -> Value {
+    json!({
+        "date": info.date,
+        "commit": info.commit,
+        "dirty": info.dirty,
+        "machine": { "nproc": info.nproc, "cpu_model": info.cpu_model, "kernel": info.kernel },
+        "fio_version": info.fio_version,
+        "mode": results.plan.mode(),
+        "filter": results.filter,
+        "runtime_s": results.plan.runtime.as_secs_f64(),
+        "warmup_s": results.plan.warmup.as_secs_f64(),
+        "working_set_bytes": results.plan.size,
+        "elapsed_s": results.elapsed.as_secs_f64(),
+        "systems": results.systems.iter().map(|s| json!({
+            "group": s.system.group,
+            "system": s.system.name,
+            "peak_rss_kib": s.peak_rss_kib,
+            "error": s.error,
+        })).collect::<Vec<_>>(),
+        "results": rows.iter().map(row_json).collect::<Vec<_>>(),
+    })
+}
+
+fn row_json(row: &Row) -> Value {
+    let s = row.sample;
+    let mut v = json!({
+        "group": s.system.group,
+        "system": s.system.name,
+        "job": s.job.name,
+        "rw": s.job.rw,
+        "bs": s.job.bs,
+        "iodepth": s.job.iodepth,
+        "numjobs": s.job.numjobs,
+        "unit": s.job.unit(),
+        "uniblk_over_peer": row.ratio,
+        "cpu_per_io_uniblk_over_peer": row.cpu_ratio,
+    });
+    match &s.outcome {
+        Ok(f) => {
+            v["value"] = json!(f.m.main(&s.job));
+            v["iops"] = json!(f.m.iops);
+            v["mib_s"] = json!(f.m.bytes_per_sec / (1u64 << 20) as f64);
+            v["clat_mean_us"] = json!(f.m.clat_mean_us);
+            v["clat_p99_us"] = json!(f.m.clat_p99_us);
+            v["ios"] = json!(f.m.ios);
+            v["server_cpu_s"] = json!(f.cpu_s);
+            v["server_cpu_us_per_io"] = json!(f.cpu_per_io_us());
+        }
+        Err(e) => v["error"] = json!(e),
+    }
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::jobs::Measured;
+
+    fn figures(iops: f64, mib_s: f64, cpu_s: f64, ios: u64) -> Figures {
+        Figures {
+            m: Measured {
+                iops,
+                bytes_per_sec: mib_s * (1 << 20) as f64,
+                clat_mean_us: 10.0,
+                clat_p99_us: 20.0,
+                ios,
+            },
+            cpu_s: Some(cpu_s),
+        }
+    }
+
+    #[test]
+    fn ratios_are_uniblk_over_peer_of_the_main_figure() {
+        let u = figures(30_000.0, 117.0, 1.0, 30_000);
+        let p = figures(20_000.0, 78.0, 1.0, 20_000);
+        let (main, cpu) = ratios(&JOBS[2], &u, &p);
+        assert!((main.unwrap() - 1.5).abs() < 1e-9);
+        // uniblk: 33.3 us/IO, peer: 50 us/IO.
+        assert!((cpu.unwrap() - 2.0 / 3.0).abs() < 1e-9);
+        let (bw, _) = ratios(
+            &JOBS[4],
+            &figures(1.0, 2000.0, 1.0, 1),
+            &figures(1.0, 1000.0, 1.0, 1),
+        );
+        assert!((bw.unwrap() - 2.0).abs() < 1e-9, "1 MiB jobs compare MiB/s");
+    }
+
+    #[test]
+    fn ratio_is_absent_without_a_server_or_a_figure() {
+        let u = figures(1.0, 1.0, 1.0, 1);
+        let mut p = figures(0.0, 0.0, 1.0, 1);
+        p.cpu_s = None;
+        assert_eq!(ratios(&JOBS[0], &u, &p), (None, None));
+    }
+
+    #[test]
+    fn units_read_naturally() {
+        assert_eq!(micros(45.26), "45.3 us");
+        assert_eq!(micros(12_500.0), "12.5 ms");
+        assert_eq!(
+            main_text(&JOBS[0], &figures(25_100.0, 0.0, 0.0, 1)),
+            "25.1k IOPS"
+        );
+        assert_eq!(
+            main_text(&JOBS[5], &figures(0.0, 1234.4, 0.0, 1)),
+            "1234 MiB/s"
+        );
+    }
+}

@@ -1,0 +1,307 @@
+//! Runs the benchmark: for each selected system, start it, prefill, then per job a warm-up
+//! and a measured fio run with the server's CPU time read around it; stop it.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use fixtures::{sparse_file, Tmp};
+use serde_json::Value;
+
+use crate::jobs::{fio_args, parse_report, prefill_args, Job, Measured, Region, Target, JOBS};
+use crate::procstat::{cpu_seconds, peak_rss_kib};
+use crate::systems::{self, Env, Running, System, DATA_OFFSET, SYSTEMS};
+
+/// How long things run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Plan {
+    pub quick: bool,
+    /// The measured part of each job.
+    pub runtime: Duration,
+    /// An unmeasured run of the same job just before it: connections made, caches and
+    /// pools warm, CPU frequency up.
+    pub warmup: Duration,
+    /// Bytes each job works on (and that are prefilled).
+    pub size: u64,
+}
+
+impl Plan {
+    /// 54 jobs of about 1.7 s each (each fio run also spends ~0.3 s starting and
+    /// stopping, two runs per job): the whole run, setup included, within two minutes.
+    pub fn quick() -> Self {
+        Self {
+            quick: true,
+            runtime: Duration::from_millis(800),
+            warmup: Duration::from_millis(200),
+            size: 256 << 20,
+        }
+    }
+
+    /// 54 jobs of about 10.5 s: about 10-11 minutes in all.
+    pub fn full() -> Self {
+        Self {
+            quick: false,
+            runtime: Duration::from_secs(8),
+            warmup: Duration::from_secs(2),
+            // All of a 1 GiB mem member's data area (1 GiB less the 1 MiB of metadata).
+            size: (1 << 30) - DATA_OFFSET,
+        }
+    }
+}
+
+impl Plan {
+    pub fn mode(&self) -> &'static str {
+        if self.quick {
+            "quick"
+        } else {
+            "full"
+        }
+    }
+}
+
+/// The figures of one measured job.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Figures {
+    pub m: Measured,
+    /// The server's CPU seconds during the measured run; `None` without a server.
+    pub cpu_s: Option<f64>,
+}
+
+impl Figures {
+    pub fn cpu_per_io_us(&self) -> Option<f64> {
+        self.cpu_s.map(|c| c * 1e6 / self.m.ios as f64)
+    }
+}
+
+/// One job on one system: its figures or why there are none.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    pub system: System,
+    pub job: Job,
+    pub outcome: Result<Figures, String>,
+}
+
+/// What was seen of a system as a whole.
+#[derive(Debug, Clone)]
+pub struct SystemReport {
+    pub system: System,
+    /// Peak resident memory of the server (VmHWM) after all its jobs.
+    pub peak_rss_kib: Option<u64>,
+    /// A start, prefill or stop failure.
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Results {
+    pub plan: Plan,
+    /// `--filter`: a partial run, said so wherever its results go.
+    pub filter: Option<String>,
+    pub samples: Vec<Sample>,
+    pub systems: Vec<SystemReport>,
+    pub elapsed: Duration,
+}
+
+impl Results {
+    pub fn failures(&self) -> usize {
+        let jobs = self.samples.iter().filter(|s| s.outcome.is_err()).count();
+        jobs + self.systems.iter().filter(|s| s.error.is_some()).count()
+    }
+}
+
+/// The jobs of `sys` whose `group/system/job` key contains `filter`.
+pub fn selected_jobs(sys: &System, filter: Option<&str>) -> Vec<Job> {
+    JOBS.iter()
+        .copied()
+        .filter(|j| {
+            filter.is_none_or(|f| format!("{}/{}/{}", sys.group, sys.name, j.name).contains(f))
+        })
+        .collect()
+}
+
+/// Runs every selected job on every system that has one.
+pub fn run(daemon_bin: &Path, plan: Plan, filter: Option<&str>) -> Result<Results> {
+    let start = Instant::now();
+    let mut out = Results {
+        plan,
+        filter: filter.map(String::from),
+        samples: Vec::new(),
+        systems: Vec::new(),
+        elapsed: Duration::ZERO,
+    };
+    let work: Vec<(System, Vec<Job>)> = SYSTEMS
+        .iter()
+        .map(|s| (*s, selected_jobs(s, filter)))
+        .filter(|(_, jobs)| !jobs.is_empty())
+        .collect();
+    if work.is_empty() {
+        bail!("--filter {filter:?} matches no GROUP/SYSTEM/JOB (e.g. mem-unix/uniblk/randread-4k-qd1)");
+    }
+    for group in groups(&work) {
+        let members: Vec<&(System, Vec<Job>)> =
+            work.iter().filter(|(s, _)| s.group == group).collect();
+        // Only the file-backed group needs the member files; they go when it is done.
+        let files = if members.iter().any(|(s, _)| s.kind.uses_files()) {
+            Some(MemberFiles::create(plan.size)?)
+        } else {
+            None
+        };
+        let env = Env {
+            daemon_bin,
+            files: files.as_ref().map(|f| &f.paths),
+            size: plan.size,
+        };
+        bench_group(&members, &env, &plan, &mut out);
+    }
+    out.elapsed = start.elapsed();
+    Ok(out)
+}
+
+/// The comparison groups of `work`, in order.
+fn groups(work: &[(System, Vec<Job>)]) -> Vec<&'static str> {
+    let mut g: Vec<&'static str> = work.iter().map(|(s, _)| s.group).collect();
+    g.dedup();
+    g
+}
+
+/// Starts every system of a group, then runs job by job, every system in turn: uniblk and
+/// its peers are measured seconds apart, so drift in the machine's load hits both sides
+/// of a ratio alike. Then records each server's memory and stops it. Failures are
+/// recorded, not returned, so one broken peer does not cost the rest of a long run.
+fn bench_group(work: &[&(System, Vec<Job>)], env: &Env, plan: &Plan, out: &mut Results) {
+    let mut running = Vec::new();
+    for (sys, jobs) in work.iter().map(|w| (&w.0, &w.1)) {
+        eprintln!("bench: {}/{}: starting", sys.group, sys.name);
+        match start_and_prefill(sys, env) {
+            Ok(r) => running.push((*sys, jobs, r)),
+            Err(e) => not_started(sys, jobs, &format!("{e:#}"), out),
+        }
+    }
+    for job in &JOBS {
+        for (sys, jobs, r) in &running {
+            if jobs.contains(job) {
+                let outcome = measure(r, job, plan).map_err(|e| format!("{e:#}"));
+                log_sample(sys, job, &outcome);
+                out.samples.push(Sample {
+                    system: *sys,
+                    job: *job,
+                    outcome,
+                });
+            }
+        }
+    }
+    for (sys, _, r) in running {
+        out.systems.push(finish(sys, r));
+    }
+}
+
+/// Records a system that did not start: each of its jobs fails with the reason.
+fn not_started(sys: &System, jobs: &[Job], msg: &str, out: &mut Results) {
+    eprintln!("bench: {}/{}: {msg}", sys.group, sys.name);
+    out.samples.extend(jobs.iter().map(|j| Sample {
+        system: *sys,
+        job: *j,
+        outcome: Err(format!("not run: {msg}")),
+    }));
+    out.systems.push(SystemReport {
+        system: *sys,
+        peak_rss_kib: None,
+        error: Some(msg.to_string()),
+    });
+}
+
+/// Reads the server's peak memory, then stops it.
+fn finish(sys: System, r: Running) -> SystemReport {
+    let peak_rss_kib = r.pid().and_then(|p| peak_rss_kib(p).ok());
+    let error = r.stop().err().map(|e| format!("stop: {e:#}"));
+    if let Some(e) = &error {
+        eprintln!("bench: {}/{}: {e}", sys.group, sys.name);
+    }
+    SystemReport {
+        system: sys,
+        peak_rss_kib,
+        error,
+    }
+}
+
+fn start_and_prefill(sys: &System, env: &Env) -> Result<Running> {
+    let running = systems::start(sys, env)?;
+    if sys.kind.needs_prefill() {
+        run_fio(&prefill_args(&running.target, running.region)).context("prefill")?;
+    }
+    Ok(running)
+}
+
+fn log_sample(sys: &System, job: &Job, outcome: &Result<Figures, String>) {
+    match outcome {
+        Ok(f) => eprintln!(
+            "bench: {}/{}/{}: {:.0} {}",
+            sys.group,
+            sys.name,
+            job.name,
+            f.m.main(job),
+            job.unit()
+        ),
+        Err(e) => eprintln!(
+            "bench: {}/{}/{}: FAILED: {e}",
+            sys.group, sys.name, job.name
+        ),
+    }
+}
+
+/// A warm-up run, then the measured run with the server's CPU time read either side.
+fn measure(running: &Running, job: &Job, plan: &Plan) -> Result<Figures> {
+    let (target, region) = (&running.target, running.region);
+    run_fio(&fio_args(job, target, region, plan.warmup)).context("warm-up")?;
+    let cpu = || running.pid().map(cpu_seconds).transpose();
+    let before = cpu()?;
+    let report = run_fio(&fio_args(job, target, region, plan.runtime))?;
+    let after = cpu()?;
+    let m = parse_report(&report, job)?;
+    let cpu_s = before.zip(after).map(|(b, a)| a - b);
+    Ok(Figures { m, cpu_s })
+}
+
+/// fio with a JSON report; a non-zero exit or a job error is a failure.
+fn run_fio(args: &[String]) -> Result<Value> {
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (ok, report) = fixtures::fio(&argv)?;
+    let errors: Vec<i64> = report["jobs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|j| j["error"].as_i64())
+        .filter(|&e| e != 0)
+        .collect();
+    if !ok || !errors.is_empty() {
+        bail!("fio {} failed (job errors {errors:?})", args.join(" "));
+    }
+    Ok(report)
+}
+
+/// The two raid1 member files under /tmp (ext4: O_DIRECT reaches the disk; /dev/shm would
+/// not). Their data areas are written once so reads hit real blocks, not holes; their
+/// first MiB stays zero, so uniblk takes them as blank members and initialises them.
+struct MemberFiles {
+    paths: [PathBuf; 2],
+    // Last: the files are removed with it.
+    _tmp: Tmp,
+}
+
+impl MemberFiles {
+    fn create(size: u64) -> Result<Self> {
+        let tmp = Tmp::new()?;
+        let paths = [tmp.join("member-a.img"), tmp.join("member-b.img")];
+        let region = Region {
+            offset: DATA_OFFSET,
+            size,
+        };
+        for p in &paths {
+            eprintln!("bench: writing {} MiB of {}", size >> 20, p.display());
+            sparse_file(p, DATA_OFFSET + size)?;
+            let target = Target::File { path: p.clone() };
+            run_fio(&prefill_args(&target, region))
+                .with_context(|| format!("prefill {}", p.display()))?;
+        }
+        Ok(Self { paths, _tmp: tmp })
+    }
+}
