@@ -390,9 +390,37 @@ pub fn parse_size(s: &str) -> Result<u64, AddrError> {
         .ok_or_else(|| err("it does not fit in 64 bits".into()))
 }
 
+/// Settings for remote members of any protocol (the layout's `remote` table).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RemoteOptions {
+    /// How long one request may take, retries after reconnects included.
+    pub timeout: std::time::Duration,
+    /// Connections per member where the server allows several.
+    pub connections: usize,
+}
+
+impl Default for RemoteOptions {
+    fn default() -> Self {
+        let nbd = crate::nbd::NbdOptions::default();
+        RemoteOptions {
+            timeout: nbd.timeout,
+            connections: nbd.connections,
+        }
+    }
+}
+
 /// Open the member `addr` names. `text` is the address as the user wrote it; it becomes
 /// the member's `info().address` and appears in every error.
 pub async fn open(addr: &MemberAddr, text: &str) -> Result<Arc<dyn Member>, OpenError> {
+    open_with(addr, text, &RemoteOptions::default()).await
+}
+
+/// `open`, with settings for remote members.
+pub async fn open_with(
+    addr: &MemberAddr,
+    text: &str,
+    remote: &RemoteOptions,
+) -> Result<Arc<dyn Member>, OpenError> {
     let text = text.trim();
     match addr {
         MemberAddr::File(path) | MemberAddr::Dev(path) => open_local(text, path).await,
@@ -406,7 +434,12 @@ pub async fn open(addr: &MemberAddr, text: &str) -> Result<Arc<dyn Member>, Open
         },
         MemberAddr::Null(size) => Ok(Arc::new(crate::null::NullMember::new(text, *size))),
         MemberAddr::Nbd { .. } => {
-            match crate::nbd::NbdMember::open(text, crate::nbd::NbdOptions::default()).await {
+            let opts = crate::nbd::NbdOptions {
+                timeout: remote.timeout,
+                connections: remote.connections.max(1),
+                ..crate::nbd::NbdOptions::default()
+            };
+            match crate::nbd::NbdMember::open(text, opts).await {
                 Ok(m) => Ok(Arc::new(m)),
                 Err(error) => Err(OpenError::Remote {
                     addr: text.to_string(),

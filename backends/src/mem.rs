@@ -24,6 +24,16 @@ impl MemMember {
 
     pub fn try_new(address: &str, size: u64) -> std::io::Result<Self> {
         let map = MmapMut::map_anon(size.max(4096) as usize)?;
+        // Huge pages where the kernel allows them: copies in and out of a large mapping
+        // otherwise spend much of their time on TLB misses. Advice only; failure is fine.
+        // SAFETY: advising our own fresh private mapping.
+        unsafe {
+            libc::madvise(
+                map.as_ptr() as *mut libc::c_void,
+                map.len(),
+                libc::MADV_HUGEPAGE,
+            )
+        };
         let regions = (0..size.div_ceil(REGION).max(1))
             .map(|_| RwLock::new(()))
             .collect();

@@ -81,6 +81,7 @@ pub async fn run(a: CreateArgs) -> Result<()> {
         members: a.members.clone(),
         queue_depth: None,
         policy: None,
+        remote: None,
         export: ExportSection {
             nbd: (!a.listen.is_empty()).then(|| NbdExport {
                 listen: a.listen.clone(),

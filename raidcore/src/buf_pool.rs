@@ -78,6 +78,16 @@ impl BufPool {
         // Anonymous mappings are page aligned, so every buffer is ALIGN aligned; pages are
         // only backed by memory once touched.
         let map = MmapMut::map_anon(total.max(ALIGN))?;
+        // Huge pages where allowed: fewer TLB misses when copying large buffers. Advice
+        // only; ignoring a failure is fine.
+        // SAFETY: advising our own fresh private mapping.
+        unsafe {
+            libc::madvise(
+                map.as_ptr() as *mut libc::c_void,
+                map.len(),
+                libc::MADV_HUGEPAGE,
+            )
+        };
         Ok(BufPool {
             inner: Arc::new(PoolInner { map, classes }),
         })

@@ -1102,6 +1102,35 @@ async fn write_batch(
     w.flush().await
 }
 
+/// Payloads at least this large skip the BufWriter: copying them into it would cost a
+/// full extra copy (tokio's BufWriter copies whatever part of a write fits its buffer,
+/// which includes the tail of every large partial write).
+const DIRECT_PAYLOAD: usize = 32 << 10;
+
+/// A reply header and its data: small ones batch in the BufWriter; large ones flush what
+/// is queued, then go to the socket straight from the pool buffer with vectored writes.
+async fn write_payload(w: &mut Wr, head: &[u8], data: &[u8]) -> io::Result<()> {
+    if data.len() < DIRECT_PAYLOAD {
+        w.write_all(head).await?;
+        return w.write_all(data).await;
+    }
+    w.flush().await?;
+    let sock = w.get_mut();
+    let (mut h, mut d) = (head, data);
+    while !h.is_empty() {
+        let n = sock
+            .write_vectored(&[io::IoSlice::new(h), io::IoSlice::new(d)])
+            .await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        let from_h = n.min(h.len());
+        h = &h[from_h..];
+        d = &d[n - from_h..];
+    }
+    sock.write_all(d).await
+}
+
 async fn write_reply(w: &mut Wr, o: &Outgoing, structured: bool) -> io::Result<()> {
     let handle = o.handle;
     let simple = |error| SimpleReply { error, handle }.encode();
@@ -1120,16 +1149,20 @@ async fn write_reply(w: &mut Wr, o: &Outgoing, structured: bool) -> io::Result<(
         Body::Done => w.write_all(&simple(0)).await,
         Body::Data { offset, buf } => {
             let data = buf.data();
-            if structured {
+            let mut head = [0u8; 28];
+            let head = if structured {
                 // One chunk, flagged DONE: all data is in hand, so no later error is
                 // possible, and it satisfies DF.
-                w.write_all(&chunk(wire::REPLY_TYPE_OFFSET_DATA, 8 + data.len() as u32))
-                    .await?;
-                w.write_all(&offset.to_be_bytes()).await?;
+                head[..20]
+                    .copy_from_slice(&chunk(wire::REPLY_TYPE_OFFSET_DATA, 8 + data.len() as u32));
+                head[20..28].copy_from_slice(&offset.to_be_bytes());
+                &head[..28]
             } else {
-                w.write_all(&simple(0)).await?;
-            }
-            w.write_all(data).await
+                let h = simple(0);
+                head[..h.len()].copy_from_slice(&h);
+                &head[..h.len()]
+            };
+            write_payload(w, head, data).await
         }
         Body::Err { error, msg } if structured => {
             let p = wire::encode_error_payload(*error, msg);
