@@ -83,10 +83,7 @@ async fn run(cmd: Cmd) -> Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match ublkd::daemon::runtime() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("uniblk: cannot start the async runtime: {e}");

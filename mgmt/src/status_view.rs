@@ -46,6 +46,23 @@ pub fn render(st: &Status) -> String {
             "  queue: {} depth {}, {} in flight, {} waiting",
             a.queue.policy, a.queue.depth, a.queue.in_flight, a.queue.waiting
         );
+        if let Some(u) = &a.ublk {
+            match &u.device {
+                Some(d) => {
+                    let rec = if u.recovered { " (recovered)" } else { "" };
+                    let _ = writeln!(
+                        s,
+                        "  ublk {d}: {} queues, depth {}, max io {}{rec}",
+                        u.queues,
+                        u.depth,
+                        human(u.max_io as u64)
+                    );
+                }
+                None => {
+                    let _ = writeln!(s, "  ublk: {}", u.error.as_deref().unwrap_or("not set up"));
+                }
+            }
+        }
         for e in &a.exports {
             let _ = writeln!(
                 s,

@@ -1,6 +1,7 @@
 //! The daemon's life: load the layout, open members, assemble arrays, start the NBD
-//! listeners and the management API, wait for SIGINT/SIGTERM, then stop in order: stop
-//! accepting, drain in-flight I/O, flush members, mark superblocks clean, exit.
+//! listeners, the ublk devices and the management API, wait for SIGINT/SIGTERM, then stop
+//! in order: delete the ublk devices (the kernel drains them first), stop accepting, drain
+//! in-flight I/O, flush members, mark superblocks clean, exit.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -61,6 +62,8 @@ pub fn init_logging(level: &str) -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colour only on a terminal: escape codes in a log file break grepping fields.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init()
         .ok();
     Ok(())
@@ -96,7 +99,7 @@ pub async fn open_members(plan: &ArrayPlan) -> Result<Vec<Arc<dyn Member>>> {
     let mut out = Vec::with_capacity(plan.members.len());
     for m in &plan.members {
         let addr = backends::addr::parse(m).with_context(|| format!("array {}", plan.name))?;
-        let member = backends::addr::open(&addr, m)
+        let member = backends::addr::open_with(&addr, m, &plan.remote)
             .await
             .with_context(|| format!("array {}", plan.name))?;
         out.push(member);
@@ -131,6 +134,7 @@ pub async fn assemble_plan(
 struct Running {
     plan: ArrayPlan,
     array: ArrayRef,
+    ublk: Option<crate::ublk::UblkExport>,
 }
 
 pub struct Daemon {
@@ -169,7 +173,11 @@ impl Daemon {
                 state = ?array.state(),
                 "array assembled"
             );
-            self.arrays.push(Running { plan, array });
+            self.arrays.push(Running {
+                plan,
+                array,
+                ublk: None,
+            });
         }
         // One NBD server per listen address, serving the exports that name it.
         let mut by_addr: BTreeMap<ListenAddr, Vec<Export>> = BTreeMap::new();
@@ -191,11 +199,36 @@ impl Daemon {
             tracing::info!(listen = %addr, "NBD listener up");
             self.servers.push((addr, server));
         }
+        self.start_ublk().await;
         Ok(())
+    }
+
+    /// Give every array that wants one its /dev/ublkbN. Without the driver, one line
+    /// says so and the NBD exports carry on.
+    async fn start_ublk(&mut self) {
+        if !self.arrays.iter().any(|r| r.plan.ublk.is_some()) {
+            return;
+        }
+        if !crate::ublk::control_present() {
+            crate::ublk::log_absent();
+            return;
+        }
+        for r in &mut self.arrays {
+            if let Some(plan) = &r.plan.ublk {
+                r.ublk = Some(crate::ublk::UblkExport::start(&r.array, plan).await);
+            }
+        }
     }
 
     /// Stop accepting, drain, flush, mark clean. Safe to call once per daemon.
     pub async fn stop(&self) -> Result<()> {
+        for r in &self.arrays {
+            if let Some(u) = &r.ublk {
+                if let Err(e) = u.stop().await {
+                    tracing::error!(array = %r.plan.name, error = %format!("{e:#}"), "ublk device stop failed");
+                }
+            }
+        }
         for (_, s) in &self.servers {
             s.shutdown(DRAIN_TIMEOUT).await;
         }
@@ -222,6 +255,9 @@ impl Daemon {
         let mut s = String::new();
         for r in &self.arrays {
             let name = &r.plan.nbd_name;
+            if let Some(dev) = r.ublk.as_ref().and_then(|u| u.device_path()) {
+                s += &format!("array {} is the block device {dev}\n", r.plan.name);
+            }
             if r.plan.nbd_listen.is_empty() {
                 s += &format!(
                     "array {} ({}, {} bytes) has no NBD listener (add export.nbd = {{ listen = [...] }} to the layout)\n",
@@ -322,6 +358,7 @@ impl Daemon {
                 waiting,
             },
             exports,
+            ublk: r.ublk.as_ref().map(|u| u.status()),
             members: a
                 .members()
                 .iter()
@@ -483,6 +520,23 @@ fn fault_text(r: &raidcore::FaultReason) -> String {
         Operator => "failed by operator".into(),
         Removed => "removed by operator (slot empty: uniblk member add)".into(),
     }
+}
+
+/// prctl option from linux/prctl.h (not in the libc crate).
+const PR_SET_IO_FLUSHER: libc::c_int = 57;
+
+/// The daemon's tokio runtime. Its workers serve block I/O for our own devices, so they are
+/// marked as I/O flushers (PR_SET_IO_FLUSHER): memory reclaim on them must not wait on
+/// writeback to the very device they serve.
+pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .on_thread_start(|| {
+            // Best effort: needs CAP_SYS_RESOURCE; without it the daemon still works.
+            // SAFETY: prctl with integer arguments only.
+            unsafe { libc::prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) };
+        })
+        .build()
 }
 
 /// Run the daemon in the foreground until SIGINT or SIGTERM.

@@ -62,6 +62,38 @@ pub struct ArrayLayout {
     pub policy: Option<String>,
     #[serde(default)]
     pub export: ExportSection,
+    /// Settings for this array's remote members.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote: Option<RemoteSection>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoteSection {
+    /// Per-request deadline, e.g. "30s", "500ms" (retries after reconnects included).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
+    /// Connections per member where the server allows several (1-16).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connections: Option<usize>,
+}
+
+/// Parse "30s", "500ms", "2m", "1h", or bare seconds.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().with_context(|| {
+        format!("duration '{s}' does not start with a number (write e.g. 30s or 500ms)")
+    })?;
+    let ms = match unit.trim() {
+        "ms" => n,
+        "" | "s" => n.saturating_mul(1000),
+        "m" | "min" => n.saturating_mul(60_000),
+        "h" => n.saturating_mul(3_600_000),
+        u => bail!("duration '{s}' has unknown unit '{u}' (use ms, s, m or h)"),
+    };
+    Ok(std::time::Duration::from_millis(ms))
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -69,9 +101,10 @@ pub struct ArrayLayout {
 pub struct ExportSection {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nbd: Option<NbdExport>,
-    /// The ublk frontend's settings (`{ id = "auto" }`); used once that frontend lands.
+    /// The ublk frontend's settings (`{ id = "auto", queues, depth, max_io }`, or
+    /// `{ enabled = false }`); absent means on with the defaults.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ublk: Option<toml::Table>,
+    pub ublk: Option<crate::ublk::UblkLayout>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -127,6 +160,9 @@ pub struct ArrayPlan {
     pub nbd_name: String,
     pub nbd_description: String,
     pub nbd_listen: Vec<ListenAddr>,
+    /// None when the layout turns the ublk export off.
+    pub ublk: Option<crate::ublk::UblkPlan>,
+    pub remote: backends::addr::RemoteOptions,
 }
 
 /// Sizes in layout files use the same syntax as member addresses (`64KiB`, `1GiB`, `512`).
@@ -205,11 +241,48 @@ impl Layout {
             }
             plans.push(p);
         }
+        check_ublk_ids(&plans)?;
         Ok(plans)
     }
 }
 
+/// Two arrays cannot both ask for /dev/ublkbN.
+fn check_ublk_ids(plans: &[ArrayPlan]) -> Result<()> {
+    let mut ids: HashMap<u32, &str> = HashMap::new();
+    for p in plans {
+        if let Some(id) = p.ublk.as_ref().and_then(|u| u.id) {
+            if let Some(other) = ids.insert(id, &p.name) {
+                bail!(
+                    "arrays {other} and {} both ask for ublk id {id}; give one another id or id = \"auto\"",
+                    p.name
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 impl ArrayLayout {
+    fn remote_options(&self) -> Result<backends::addr::RemoteOptions> {
+        let name = &self.name;
+        let mut o = backends::addr::RemoteOptions::default();
+        let Some(r) = &self.remote else { return Ok(o) };
+        if let Some(t) = &r.timeout {
+            o.timeout =
+                parse_duration(t).with_context(|| format!("array {name}: remote.timeout"))?;
+            if o.timeout < std::time::Duration::from_millis(100) {
+                bail!("array {name}: remote.timeout {t} is too short (at least 100ms)");
+            }
+        }
+        if let Some(c) = r.connections {
+            if !(1..=16).contains(&c) {
+                bail!("array {name}: remote.connections {c} must be between 1 and 16");
+            }
+            o.connections = c;
+        }
+        Ok(o)
+    }
+
     fn plan(&self) -> Result<ArrayPlan> {
         let name = &self.name;
         if !valid_name(name) {
@@ -255,7 +328,9 @@ impl ArrayLayout {
                 ListenAddr::parse(l).with_context(|| format!("array {name}: export.nbd.listen"))
             })
             .collect::<Result<Vec<_>>>()?;
+        let remote = self.remote_options()?;
         Ok(ArrayPlan {
+            remote,
             name: name.clone(),
             level,
             chunk,
@@ -268,6 +343,7 @@ impl ArrayLayout {
                 .clone()
                 .unwrap_or_else(|| format!("uniblk {} array {name}", level.name())),
             nbd_listen,
+            ublk: crate::ublk::plan(name, self.export.ublk.as_ref())?,
         })
     }
 }
@@ -328,6 +404,23 @@ export.ublk = { id = "auto" }
             err("[[array]]\nname = \"a b\"\nlevel = \"linear\"\nmembers = [\"mem:1G\"]")
                 .contains("invalid")
         );
+    }
+
+    #[test]
+    fn ublk_export_is_on_by_default_and_ids_are_unique() {
+        let one = |name: &str, ublk: &str| {
+            format!("[[array]]\nname = \"{name}\"\nlevel = \"raid1\"\nmembers = [\"file:/nx/{name}a\", \"file:/nx/{name}b\"]\n{ublk}\n")
+        };
+        let p = Layout::parse(&one("a", "")).unwrap().plan().unwrap();
+        assert!(p[0].ublk.is_some(), "on by default");
+        let p = Layout::parse(&one("a", "export.ublk = { enabled = false }"))
+            .unwrap()
+            .plan()
+            .unwrap();
+        assert!(p[0].ublk.is_none());
+        let two = one("a", "export.ublk = { id = 3 }") + &one("b", "export.ublk = { id = 3 }");
+        assert!(err(&two).contains("arrays a and b both ask for ublk id 3"));
+        assert!(err(&one("a", "export.ublk = { id = \"x\" }")).contains("export.ublk.id"));
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! ublkd: the uniblk daemon. Frontends (NBD now, ublk next) over arrays from raidcore,
+//! ublkd: the uniblk daemon. Frontends (NBD, ublk) over arrays from raidcore,
 //! members from backends, a management API for the `uniblk` CLI.
 
 pub mod daemon;
@@ -6,3 +6,4 @@ pub mod layout;
 pub mod mgmt_api;
 pub mod nbd_server;
 pub mod status;
+pub mod ublk;

@@ -19,10 +19,7 @@ fn main() -> std::process::ExitCode {
         eprintln!("ublkd: {e:#}");
         return std::process::ExitCode::from(2);
     }
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match ublkd::daemon::runtime() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("ublkd: cannot start the async runtime: {e}");

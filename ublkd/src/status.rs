@@ -36,7 +36,32 @@ pub struct ArrayStatus {
     pub state: String,
     pub queue: QueueStatus,
     pub exports: Vec<ExportStatus>,
+    /// The kernel block device, when the layout enables `export.ublk`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ublk: Option<UblkStatus>,
     pub members: Vec<MemberStatus>,
+}
+
+/// An array's /dev/ublkbN.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UblkStatus {
+    /// e.g. "/dev/ublkb0"; absent when the device could not be set up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dev_id: Option<u32>,
+    pub queues: u16,
+    pub depth: u16,
+    /// Largest request in bytes.
+    pub max_io: u32,
+    /// live | stopped | failed
+    pub state: String,
+    /// Re-attached to the device a previous daemon left behind.
+    #[serde(default)]
+    pub recovered: bool,
+    /// Why there is no device (state "failed").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -49,7 +74,7 @@ pub struct QueueStatus {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ExportStatus {
-    /// "nbd" (later "ublk")
+    /// "nbd" (the ublk device is `ArrayStatus::ublk`)
     pub kind: String,
     pub name: String,
     pub listen: String,
