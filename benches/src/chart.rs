@@ -1,5 +1,6 @@
-//! The PNG chart: per job, one bar per comparison (uniblk / peer of the main figure),
-//! with the 1.0 line where uniblk and the peer are equal.
+//! The PNG chart: per job, one bar per comparison (uniblk / peer of the main figure, and
+//! the explicit comparisons of `systems::COMPARISONS`), with the 1.0 line where the two
+//! sides are equal.
 
 use std::path::Path;
 
@@ -11,7 +12,8 @@ use plotters::style::{register_font, FontStyle};
 
 use crate::jobs::JOBS;
 use crate::machine::RunInfo;
-use crate::report::Row;
+use crate::report::{ComparisonRow, Row};
+use crate::systems::has_uniblk;
 
 const SIZE: (u32, u32) = (1400, 720);
 /// Fonts tried in order; plotters' pure-Rust text renderer needs a TTF file
@@ -36,9 +38,14 @@ struct Series {
     ratios: Vec<Option<f64>>,
 }
 
-fn series(rows: &[Row]) -> Vec<Series> {
+fn series(rows: &[Row], comparisons: &[ComparisonRow]) -> Vec<Series> {
     let mut out: Vec<Series> = Vec::new();
-    for row in rows.iter().filter(|r| !r.sample.system.is_uniblk()) {
+    // Groups without a `uniblk` system have no uniblk / peer ratios: their explicit
+    // comparisons follow.
+    let peers = rows
+        .iter()
+        .filter(|r| !r.sample.system.is_uniblk() && has_uniblk(r.sample.system.group));
+    for row in peers {
         let sys = row.sample.system;
         let label = format!("{}: uniblk / {}", sys.group, sys.name);
         let idx = match out.iter().position(|s| s.label == label) {
@@ -55,6 +62,19 @@ fn series(rows: &[Row]) -> Vec<Series> {
             out[idx].ratios[j] = row.ratio;
         }
     }
+    for c in comparisons {
+        let mut ratios = vec![None; JOBS.len()];
+        if let Some(j) = JOBS.iter().position(|j| j.name == c.job.name) {
+            ratios[j] = c.ratio;
+        }
+        out.push(Series {
+            label: format!(
+                "{}: {} (target {:.1})",
+                c.comparison.group, c.comparison.label, c.comparison.target
+            ),
+            ratios,
+        });
+    }
     out
 }
 
@@ -70,9 +90,15 @@ fn load_font() -> Result<()> {
 }
 
 /// Draws the chart to `path` (PNG); `mode` (quick or full) goes in the title.
-pub fn draw(path: &Path, info: &RunInfo, mode: &str, rows: &[Row]) -> Result<()> {
+pub fn draw(
+    path: &Path,
+    info: &RunInfo,
+    mode: &str,
+    rows: &[Row],
+    comparisons: &[ComparisonRow],
+) -> Result<()> {
     load_font()?;
-    let series = series(rows);
+    let series = series(rows, comparisons);
     if series.is_empty() {
         return Err(anyhow!("no peer was measured: nothing to compare"));
     }

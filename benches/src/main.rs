@@ -16,7 +16,7 @@ usage: uniblk-bench [--quick] [--filter SUBSTR] [--daemon PATH] [--out DIR]
 
   --quick          short runs: the whole benchmark in about two minutes
   --filter SUBSTR  only jobs whose GROUP/SYSTEM/JOB contains SUBSTR,
-                   e.g. mem-unix, randread-4k-qd32x2, raid1-file/qemu-nbd
+                   e.g. mem-unix, randread-4k-qd32x2, raid1-file/qemu-nbd, remote
   --daemon PATH    the ublkd binary [default: target/release/ublkd]
   --out DIR        where results go [default: target/bench]";
 
@@ -78,6 +78,10 @@ fn bench(a: &Args) -> Result<bool> {
     let results = run(&a.daemon, plan, a.filter.as_deref())?;
     let rows = report::rows(&results);
     println!("{}", report::text_table(&rows));
+    let comparisons = report::comparisons(&results);
+    if !comparisons.is_empty() {
+        println!("{}", report::comparison_table(&comparisons));
+    }
     write_outputs(&a.out, &info, &results, &rows)?;
     let failures = results.failures();
     println!(
@@ -121,7 +125,7 @@ fn write_chart(png: &Path, info: &RunInfo, results: &Results, rows: &[Row]) -> b
         Some(f) => format!("{} (only '{f}')", results.plan.mode()),
         None => results.plan.mode().to_string(),
     };
-    match chart::draw(png, info, &mode, rows) {
+    match chart::draw(png, info, &mode, rows, &report::comparisons(results)) {
         Ok(()) => true,
         Err(e) => {
             eprintln!("uniblk-bench: no chart: {e:#}");

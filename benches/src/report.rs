@@ -5,7 +5,7 @@ use serde_json::{json, Value};
 use crate::jobs::{Job, JOBS};
 use crate::machine::RunInfo;
 use crate::run::{Figures, Results, Sample};
-use crate::systems::{System, SYSTEMS};
+use crate::systems::{Comparison, System, COMPARISONS, SYSTEMS};
 
 /// One line of the table: a job on a system, and for a peer how uniblk compares to it.
 #[derive(Debug, Clone)]
@@ -126,7 +126,11 @@ fn cells(row: &Row) -> Vec<String> {
 }
 
 fn main_text(job: &Job, f: &Figures) -> String {
-    let v = f.m.main(job);
+    value_text(job, f.m.main(job))
+}
+
+/// A main figure in the job's unit.
+fn value_text(job: &Job, v: f64) -> String {
     if job.by_bandwidth() {
         format!("{v:.0} MiB/s")
     } else if v >= 1e4 {
@@ -181,6 +185,185 @@ pub fn text_table(rows: &[Row]) -> String {
     out
 }
 
+/// One explicit comparison (see [`COMPARISONS`]) as measured.
+#[derive(Debug, Clone)]
+pub struct ComparisonRow {
+    pub comparison: Comparison,
+    pub job: Job,
+    /// The system's main figure.
+    pub value: Option<f64>,
+    /// The slowest baseline system and its main figure: the ratio's denominator.
+    pub baseline: Option<(&'static str, f64)>,
+    /// value / baseline figure.
+    pub ratio: Option<f64>,
+    /// Why there is no ratio.
+    pub missing: Option<String>,
+}
+
+impl ComparisonRow {
+    /// Whether the ratio reaches the target; `None` without a ratio.
+    pub fn met(&self) -> Option<bool> {
+        self.ratio.map(|r| r >= self.comparison.target)
+    }
+}
+
+/// The comparisons with at least one of their systems in this run (a `--filter` run may
+/// have none), each with its ratio, or why it has none.
+pub fn comparisons(r: &Results) -> Vec<ComparisonRow> {
+    let mut out = Vec::new();
+    for c in &COMPARISONS {
+        let Some(job) = JOBS.iter().find(|j| j.name == c.job) else {
+            continue;
+        };
+        let sample = |name: &str| find(r, c.group, name, job);
+        let names = std::iter::once(&c.system).chain(c.baseline);
+        if names.clone().all(|n| sample(n).is_none()) {
+            continue;
+        }
+        let figure = |name: &'static str| -> Result<f64, String> {
+            match sample(name) {
+                None => Err(format!("{name} was not run")),
+                Some(s) => match &s.outcome {
+                    Ok(f) => Ok(f.m.main(job)),
+                    Err(_) => Err(format!("{name} failed")),
+                },
+            }
+        };
+        let value = figure(c.system);
+        let baselines: Result<Vec<(&'static str, f64)>, String> = c
+            .baseline
+            .iter()
+            .map(|&n| figure(n).map(|v| (n, v)))
+            .collect();
+        let baseline = baselines
+            .as_ref()
+            .ok()
+            .and_then(|b| b.iter().copied().min_by(|x, y| x.1.total_cmp(&y.1)));
+        let ratio = value
+            .as_ref()
+            .ok()
+            .zip(baseline)
+            .map(|(v, (_, b))| v / b)
+            .filter(|x| x.is_finite());
+        let missing = match (&value, &baselines) {
+            (Err(e), _) | (_, Err(e)) => Some(e.clone()),
+            _ if ratio.is_none() => Some("a figure is zero".into()),
+            _ => None,
+        };
+        out.push(ComparisonRow {
+            comparison: *c,
+            job: *job,
+            value: value.ok(),
+            baseline,
+            ratio,
+            missing,
+        });
+    }
+    out
+}
+
+const COMPARISON_HEADER: [&str; 8] = [
+    "comparison",
+    "job",
+    "system",
+    "result",
+    "divided by (slowest)",
+    "result",
+    "ratio",
+    "target",
+];
+
+fn comparison_cells(row: &ComparisonRow) -> Vec<String> {
+    let c = &row.comparison;
+    let fig = |v: Option<f64>| v.map_or("-".into(), |v| value_text(&row.job, v));
+    vec![
+        format!("{}: {}", c.group, c.label),
+        c.job.to_string(),
+        c.system.to_string(),
+        fig(row.value),
+        row.baseline
+            .map_or(c.baseline.join(", "), |b| b.0.to_string()),
+        fig(row.baseline.map(|b| b.1)),
+        match (row.ratio, &row.missing) {
+            (Some(r), _) => format!("{r:.2}x"),
+            (None, Some(why)) => format!("none: {why}"),
+            (None, None) => "none".into(),
+        },
+        format!(
+            ">= {:.2}x{}",
+            c.target,
+            match row.met() {
+                Some(true) => " met",
+                Some(false) => " MISSED",
+                None => "",
+            }
+        ),
+    ]
+}
+
+/// The explicit comparisons for a terminal (empty when there are none).
+pub fn comparison_table(rows: &[ComparisonRow]) -> String {
+    if rows.is_empty() {
+        return String::new();
+    }
+    let mut all: Vec<Vec<String>> = vec![COMPARISON_HEADER.map(String::from).to_vec()];
+    all.extend(rows.iter().map(comparison_cells));
+    let widths: Vec<usize> = (0..COMPARISON_HEADER.len())
+        .map(|i| all.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out =
+        String::from("comparisons (ratio = system / slowest of the systems divided by):\n");
+    for r in &all {
+        let line: Vec<String> = r
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        out += line.join("  ").trim_end();
+        out.push('\n');
+    }
+    out
+}
+
+fn comparisons_markdown(rows: &[ComparisonRow]) -> String {
+    if rows.is_empty() {
+        return String::new();
+    }
+    let mut out = String::from(
+        "\nComparisons: each ratio is the system's result over the slowest of the systems it \
+         is divided by, with the target the issue asks for.\n\n",
+    );
+    out += &format!("| {} |\n", COMPARISON_HEADER.join(" | "));
+    out += "|---|---|---|---:|---|---:|---:|---:|\n";
+    for row in rows {
+        let cells: Vec<String> = comparison_cells(row)
+            .iter()
+            .map(|c| c.replace('|', "\\|"))
+            .collect();
+        out += &format!("| {} |\n", cells.join(" | "));
+    }
+    out
+}
+
+fn comparison_json(row: &ComparisonRow) -> Value {
+    let c = &row.comparison;
+    json!({
+        "group": c.group,
+        "comparison": c.label,
+        "job": c.job,
+        "unit": row.job.unit(),
+        "system": c.system,
+        "value": row.value,
+        "divided_by": c.baseline,
+        "slowest": row.baseline.map(|b| b.0),
+        "slowest_value": row.baseline.map(|b| b.1),
+        "ratio": row.ratio,
+        "target": c.target,
+        "met": row.met(),
+        "missing": row.missing,
+    })
+}
+
 /// The table as markdown, headed by when, where and what it measured.
 pub fn markdown(info: &RunInfo, results: &Results, rows: &[Row]) -> String {
     let mut out = format!(
@@ -222,6 +405,7 @@ pub fn markdown(info: &RunInfo, results: &Results, rows: &[Row]) -> String {
         let cells: Vec<String> = cells(row).iter().map(|c| c.replace('|', "\\|")).collect();
         out += &format!("| {} |\n", cells.join(" | "));
     }
+    out += &comparisons_markdown(&comparisons(results));
     out
 }
 
@@ -246,6 +430,7 @@ pub fn json(info: &RunInfo, results: &Results, rows: &[Row]) -> Value {
             "error": s.error,
         })).collect::<Vec<_>>(),
         "results": rows.iter().map(row_json).collect::<Vec<_>>(),
+        "comparisons": comparisons(results).iter().map(comparison_json).collect::<Vec<_>>(),
     })
 }
 
@@ -319,6 +504,95 @@ mod tests {
         let mut p = figures(0.0, 0.0, 1.0, 1);
         p.cpu_s = None;
         assert_eq!(ratios(&JOBS[0], &u, &p), (None, None));
+    }
+
+    /// A result of `fig` for system `name` of `group` on the job named `job`.
+    fn sample(group: &str, name: &str, job: &str, fig: Result<Figures, String>) -> Sample {
+        let system = *SYSTEMS
+            .iter()
+            .find(|s| s.group == group && s.name == name)
+            .unwrap();
+        let job = *JOBS.iter().find(|j| j.name == job).unwrap();
+        Sample {
+            system,
+            job,
+            outcome: fig,
+        }
+    }
+
+    fn results(samples: Vec<Sample>) -> Results {
+        Results {
+            plan: crate::run::Plan::quick(),
+            filter: None,
+            samples,
+            systems: Vec::new(),
+            elapsed: std::time::Duration::ZERO,
+        }
+    }
+
+    #[test]
+    fn comparisons_divide_by_the_slowest_baseline() {
+        let w = "randwrite-4k-qd32x2";
+        let r = results(vec![
+            sample(
+                "remote",
+                "uniblk-raid1",
+                w,
+                Ok(figures(18_000.0, 0.0, 1.0, 1)),
+            ),
+            sample(
+                "remote",
+                "file-alone",
+                w,
+                Ok(figures(30_000.0, 0.0, 1.0, 1)),
+            ),
+            sample(
+                "remote",
+                "nbdkit-alone",
+                w,
+                Ok(figures(20_000.0, 0.0, 1.0, 1)),
+            ),
+            sample(
+                "remote",
+                "uniblk-raid0",
+                "read-1m-qd8",
+                Ok(figures(1.0, 11.0, 1.0, 1)),
+            ),
+            sample("remote", "capped-alone", "read-1m-qd8", Err("boom".into())),
+        ]);
+        let c = comparisons(&r);
+        assert_eq!(c.len(), 2);
+        assert_eq!(c[0].baseline, Some(("nbdkit-alone", 20_000.0)));
+        assert!((c[0].ratio.unwrap() - 0.9).abs() < 1e-9);
+        assert_eq!(c[0].met(), Some(true));
+        assert_eq!(c[1].ratio, None);
+        assert_eq!(c[1].missing.as_deref(), Some("capped-alone failed"));
+        let table = comparison_table(&c);
+        assert!(
+            table.contains("0.90x") && table.contains(">= 0.80x met"),
+            "{table}"
+        );
+        assert!(table.contains("none: capped-alone failed"), "{table}");
+        // Groups with uniblk / peer ratios give none to the comparison-only group.
+        assert!(rows(&r).iter().all(|row| row.ratio.is_none()));
+    }
+
+    #[test]
+    fn comparisons_absent_from_a_run_are_left_out() {
+        let r = results(vec![sample(
+            "remote",
+            "uniblk-raid0",
+            "read-1m-qd8",
+            Ok(figures(1.0, 11.0, 1.0, 1)),
+        )]);
+        let c = comparisons(&r);
+        assert_eq!(
+            c.len(),
+            1,
+            "only the raid0 comparison has a system in this run"
+        );
+        assert_eq!(c[0].missing.as_deref(), Some("capped-alone was not run"));
+        assert!(comparisons(&results(Vec::new())).is_empty());
     }
 
     #[test]

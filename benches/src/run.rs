@@ -27,7 +27,8 @@ pub struct Plan {
 
 impl Plan {
     /// 54 jobs of about 1.7 s each (each fio run also spends ~0.3 s starting and
-    /// stopping, two runs per job): the whole run, setup included, within two minutes.
+    /// stopping, two runs per job), and the remote group's 5 (its two rate-capped ones
+    /// measure for 5 s): the whole run, setup included, in about two and a half minutes.
     pub fn quick() -> Self {
         Self {
             quick: true,
@@ -108,10 +109,12 @@ impl Results {
     }
 }
 
-/// The jobs of `sys` whose `group/system/job` key contains `filter`.
+/// The jobs of `sys` (all, or those it is limited to) whose `group/system/job` key
+/// contains `filter`.
 pub fn selected_jobs(sys: &System, filter: Option<&str>) -> Vec<Job> {
     JOBS.iter()
         .copied()
+        .filter(|j| sys.runs(j.name))
         .filter(|j| {
             filter.is_none_or(|f| format!("{}/{}/{}", sys.group, sys.name, j.name).contains(f))
         })
@@ -179,7 +182,7 @@ fn bench_group(work: &[&(System, Vec<Job>)], env: &Env, plan: &Plan, out: &mut R
     for job in &JOBS {
         for (sys, jobs, r) in &running {
             if jobs.contains(job) {
-                let outcome = measure(r, job, plan).map_err(|e| format!("{e:#}"));
+                let outcome = measure(sys, r, job, plan).map_err(|e| format!("{e:#}"));
                 log_sample(sys, job, &outcome);
                 out.samples.push(Sample {
                     system: *sys,
@@ -248,13 +251,15 @@ fn log_sample(sys: &System, job: &Job, outcome: &Result<Figures, String>) {
     }
 }
 
-/// A warm-up run, then the measured run with the server's CPU time read either side.
-fn measure(running: &Running, job: &Job, plan: &Plan) -> Result<Figures> {
+/// A warm-up run, then the measured run with the server's CPU time read either side. The
+/// measured run lasts at least the system's minimum (rate-capped servers).
+fn measure(sys: &System, running: &Running, job: &Job, plan: &Plan) -> Result<Figures> {
     let (target, region) = (&running.target, running.region);
     run_fio(&fio_args(job, target, region, plan.warmup)).context("warm-up")?;
     let cpu = || running.pid().map(cpu_seconds).transpose();
     let before = cpu()?;
-    let report = run_fio(&fio_args(job, target, region, plan.runtime))?;
+    let runtime = plan.runtime.max(sys.kind.min_runtime());
+    let report = run_fio(&fio_args(job, target, region, runtime))?;
     let after = cpu()?;
     let m = parse_report(&report, job)?;
     let cpu_s = before.zip(after).map(|(b, a)| a - b);

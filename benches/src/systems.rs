@@ -1,5 +1,9 @@
 //! The systems under test, grouped into comparisons: the first system of each group is
 //! uniblk, the others are its peers, and every ratio is uniblk / peer within a group.
+//!
+//! The `remote` group (issue 4) compares arrays with their own members instead: it has no
+//! system named `uniblk`, each of its systems runs only the job its comparison needs, and
+//! [`COMPARISONS`] names what is divided by what.
 
 use std::path::{Path, PathBuf};
 
@@ -16,6 +20,9 @@ pub const DISK_SIZE: u64 = 1 << 30;
 const DISK: &str = "1GiB";
 /// The export name of every uniblk array here.
 const ARRAY: &str = "bench";
+/// nbdkit's rate filter on each rate-capped member: 50 megabits per second in total over
+/// all of a server's connections (nbdkit counts bits).
+pub const RATE_CAP: &str = "rate=50M";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transport {
@@ -40,17 +47,48 @@ pub enum Kind {
     UniblkNull,
     /// `nbdkit null 1G`.
     NbdkitNull,
+    /// uniblk `raid1` of the first member file and `nbdkit memory 1G` on a unix socket.
+    UniblkRaid1FileNbdkit,
+    /// uniblk, a `linear` array of the second member file alone (the local member of
+    /// [`Kind::UniblkRaid1FileNbdkit`] on its own, through the same daemon and export).
+    UniblkLinearFile,
+    /// uniblk `raid0` of two `nbdkit memory 1G` members, each capped with [`RATE_CAP`].
+    UniblkRaid0Capped,
+    /// One `nbdkit memory 1G` capped with [`RATE_CAP`], read by fio directly.
+    NbdkitCapped,
 }
 
 impl Kind {
-    /// Memory disks start as holes; they are written once before reads are measured.
+    /// Memory disks start as holes; they are written once before reads are measured (and
+    /// before writes, where the memory member would otherwise allocate on first touch
+    /// while nbdkit alone does not). Rate-capped members are not: reading holes through
+    /// the cap costs the same, and filling them at 6 MB/s would take minutes.
     pub fn needs_prefill(self) -> bool {
-        matches!(self, Kind::UniblkMem(_) | Kind::NbdkitMemory(_))
+        matches!(
+            self,
+            Kind::UniblkMem(_) | Kind::NbdkitMemory(_) | Kind::UniblkRaid1FileNbdkit
+        )
     }
 
     /// Whether this system serves the two member files (made once per run).
     pub fn uses_files(self) -> bool {
-        matches!(self, Kind::UniblkRaid1 | Kind::QemuNbd | Kind::FioDirect)
+        matches!(
+            self,
+            Kind::UniblkRaid1
+                | Kind::QemuNbd
+                | Kind::FioDirect
+                | Kind::UniblkRaid1FileNbdkit
+                | Kind::UniblkLinearFile
+        )
+    }
+
+    /// The shortest measured run that gives a steady figure. A rate-capped server moves
+    /// only a few MiB per second: a short run would count a handful of 1 MiB requests.
+    pub fn min_runtime(self) -> std::time::Duration {
+        match self {
+            Kind::UniblkRaid0Capped | Kind::NbdkitCapped => std::time::Duration::from_secs(5),
+            _ => std::time::Duration::ZERO,
+        }
     }
 }
 
@@ -59,20 +97,80 @@ pub struct System {
     pub group: &'static str,
     pub name: &'static str,
     pub kind: Kind,
+    /// The only jobs this system runs (by name); `None`: every job.
+    pub only: Option<&'static [&'static str]>,
 }
 
 impl System {
     const fn new(group: &'static str, name: &'static str, kind: Kind) -> Self {
-        Self { group, name, kind }
+        Self {
+            group,
+            name,
+            kind,
+            only: None,
+        }
+    }
+
+    /// This system runs only `jobs`.
+    const fn only(mut self, jobs: &'static [&'static str]) -> Self {
+        self.only = Some(jobs);
+        self
     }
 
     pub fn is_uniblk(&self) -> bool {
         self.name == "uniblk"
     }
+
+    /// Whether this system runs the job named `job`.
+    pub fn runs(&self, job: &str) -> bool {
+        self.only.is_none_or(|o| o.contains(&job))
+    }
 }
 
-/// Every system, group by group, uniblk first in each group.
-pub const SYSTEMS: [System; 9] = [
+/// A group without a system named `uniblk` compares by [`COMPARISONS`] only.
+pub fn has_uniblk(group: &str) -> bool {
+    SYSTEMS.iter().any(|s| s.group == group && s.is_uniblk())
+}
+
+/// One explicit ratio: `system`'s main figure over the slowest of `baseline` (the smallest
+/// figure), for `job`, within `group`; `target` is the ratio the issue asks for.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Comparison {
+    pub group: &'static str,
+    /// Says what is divided by what.
+    pub label: &'static str,
+    pub job: &'static str,
+    pub system: &'static str,
+    pub baseline: &'static [&'static str],
+    pub target: f64,
+}
+
+const RANDWRITE_QD32: &str = "randwrite-4k-qd32x2";
+const SEQREAD_1M: &str = "read-1m-qd8";
+
+/// The explicit comparisons (issue 4's benchmark).
+pub const COMPARISONS: [Comparison; 2] = [
+    Comparison {
+        group: "remote",
+        label: "raid1(file + nbdkit memory) / slower member alone",
+        job: RANDWRITE_QD32,
+        system: "uniblk-raid1",
+        baseline: &["file-alone", "nbdkit-alone"],
+        target: 0.8,
+    },
+    Comparison {
+        group: "remote",
+        label: "raid0(2 x nbdkit rate=50M) / one such member alone",
+        job: SEQREAD_1M,
+        system: "uniblk-raid0",
+        baseline: &["capped-alone"],
+        target: 1.8,
+    },
+];
+
+/// Every system, group by group, uniblk first in each group (the `remote` group: the
+/// arrays first, then their members alone).
+pub const SYSTEMS: [System; 14] = [
     System::new("mem-unix", "uniblk", Kind::UniblkMem(Transport::Unix)),
     System::new("mem-unix", "nbdkit", Kind::NbdkitMemory(Transport::Unix)),
     System::new("mem-tcp", "uniblk", Kind::UniblkMem(Transport::Tcp)),
@@ -82,6 +180,16 @@ pub const SYSTEMS: [System; 9] = [
     System::new("raid1-file", "fio-direct", Kind::FioDirect),
     System::new("null", "uniblk", Kind::UniblkNull),
     System::new("null", "nbdkit", Kind::NbdkitNull),
+    System::new("remote", "uniblk-raid1", Kind::UniblkRaid1FileNbdkit).only(&[RANDWRITE_QD32]),
+    System::new("remote", "file-alone", Kind::UniblkLinearFile).only(&[RANDWRITE_QD32]),
+    System::new(
+        "remote",
+        "nbdkit-alone",
+        Kind::NbdkitMemory(Transport::Unix),
+    )
+    .only(&[RANDWRITE_QD32]),
+    System::new("remote", "uniblk-raid0", Kind::UniblkRaid0Capped).only(&[SEQREAD_1M]),
+    System::new("remote", "capped-alone", Kind::NbdkitCapped).only(&[SEQREAD_1M]),
 ];
 
 /// A running system: the server process (none for fio-direct) and how fio reaches it.
@@ -94,6 +202,8 @@ pub struct Running {
 
 enum Server {
     Uniblk(QuietDaemon),
+    /// A daemon and the nbdkit servers that are its members (stopped after it).
+    UniblkOver(QuietDaemon, Vec<NbdkitServer>),
     Nbdkit(NbdkitServer),
     QemuNbd(QemuNbd),
     None,
@@ -103,7 +213,7 @@ impl Running {
     /// The server's PID, for CPU time and memory; `None` when there is no server.
     pub fn pid(&self) -> Option<u32> {
         match &self.server {
-            Server::Uniblk(d) => Some(d.pid()),
+            Server::Uniblk(d) | Server::UniblkOver(d, _) => Some(d.pid()),
             Server::Nbdkit(s) => Some(s.pid()),
             Server::QemuNbd(q) => Some(q.pid()),
             Server::None => None,
@@ -115,13 +225,11 @@ impl Running {
     pub fn stop(mut self) -> Result<()> {
         let pid = self.pid();
         match &mut self.server {
-            Server::Uniblk(d) => {
-                let status = d.stop()?;
-                if !status.success() {
-                    bail!(
-                        "uniblk daemon exited {status} on SIGTERM; its log:\n{}",
-                        d.log()
-                    );
+            Server::Uniblk(d) => stop_daemon(d)?,
+            Server::UniblkOver(d, members) => {
+                stop_daemon(d)?;
+                for m in members {
+                    m.stop()?;
                 }
             }
             Server::Nbdkit(s) => s.stop()?,
@@ -133,6 +241,17 @@ impl Running {
         }
         Ok(())
     }
+}
+
+fn stop_daemon(d: &mut QuietDaemon) -> Result<()> {
+    let status = d.stop()?;
+    if !status.success() {
+        bail!(
+            "uniblk daemon exited {status} on SIGTERM; its log:\n{}",
+            d.log()
+        );
+    }
+    Ok(())
 }
 
 /// What starting a system needs from the run.
@@ -168,6 +287,27 @@ pub fn start(sys: &System, env: &Env) -> Result<Running> {
         Kind::NbdkitMemory(t) => nbdkit("memory", t)?,
         Kind::NbdkitNull => nbdkit("null", Transport::Unix)?,
         Kind::QemuNbd => qemu_nbd(&files(env)?[0])?,
+        Kind::UniblkRaid1FileNbdkit => {
+            let kit = memory_member(&[])?;
+            let members = [file_member(&files(env)?[0]), kit.uri()];
+            uniblk_over(env, "raid1", &members, vec![kit])?
+        }
+        Kind::UniblkLinearFile => uniblk(
+            env,
+            "linear",
+            &[file_member(&files(env)?[1])],
+            Transport::Unix,
+        )?,
+        Kind::UniblkRaid0Capped => {
+            let kits = vec![memory_member(&[RATE_CAP])?, memory_member(&[RATE_CAP])?];
+            let members: Vec<String> = kits.iter().map(NbdkitServer::uri).collect();
+            uniblk_over(env, "raid0", &members, kits)?
+        }
+        Kind::NbdkitCapped => {
+            let s = memory_member(&[RATE_CAP])?;
+            let uri = s.uri();
+            (Server::Nbdkit(s), Target::Nbd { uri })
+        }
         Kind::FioDirect => {
             let path = files(env)?[0].clone();
             return Ok(Running {
@@ -211,6 +351,34 @@ fn uniblk(env: &Env, level: &str, members: &[String], t: Transport) -> Result<(S
     Ok((Server::Uniblk(d), Target::Nbd { uri }))
 }
 
+/// `nbdkit memory 1G` on a unix socket, behind the rate filter when `rate` is given.
+fn memory_member(rate: &[&str]) -> Result<NbdkitServer> {
+    let mut spec = Nbdkit::memory(DISK_SIZE);
+    if !rate.is_empty() {
+        spec = spec.filter("rate", rate);
+    }
+    spec.start().context("starting nbdkit memory as a member")
+}
+
+fn file_member(path: &Path) -> String {
+    format!("file:{}", path.display())
+}
+
+/// [`uniblk`] over members that are servers of their own (unix socket export), which stop
+/// after the daemon.
+fn uniblk_over(
+    env: &Env,
+    level: &str,
+    members: &[String],
+    servers: Vec<NbdkitServer>,
+) -> Result<(Server, Target)> {
+    let (server, target) = uniblk(env, level, members, Transport::Unix)?;
+    let Server::Uniblk(d) = server else {
+        unreachable!("uniblk() starts a daemon")
+    };
+    Ok((Server::UniblkOver(d, servers), target))
+}
+
 /// A one-array layout exported over NBD on `listen`.
 pub fn layout_toml(level: &str, members: &[String], listen: &str) -> String {
     let members: Vec<String> = members.iter().map(|m| format!("{m:?}")).collect();
@@ -247,11 +415,37 @@ mod tests {
     #[test]
     fn every_group_starts_with_uniblk_and_has_a_peer() {
         for (i, s) in SYSTEMS.iter().enumerate() {
+            if !has_uniblk(s.group) {
+                continue;
+            }
             let first_of_group = i == 0 || SYSTEMS[i - 1].group != s.group;
             assert_eq!(first_of_group, s.is_uniblk(), "{s:?}");
             if first_of_group {
                 assert!(SYSTEMS.get(i + 1).is_some_and(|n| n.group == s.group));
             }
+        }
+    }
+
+    #[test]
+    fn comparisons_name_systems_of_their_group_that_run_their_job() {
+        for c in &COMPARISONS {
+            for name in std::iter::once(&c.system).chain(c.baseline) {
+                let sys = SYSTEMS
+                    .iter()
+                    .find(|s| s.group == c.group && s.name == *name)
+                    .unwrap_or_else(|| panic!("{c:?}: no system {name} in group {}", c.group));
+                assert!(sys.runs(c.job), "{name} does not run {}", c.job);
+                assert!(crate::jobs::JOBS.iter().any(|j| j.name == c.job));
+            }
+        }
+        // Every system of a comparison-only group is in some comparison.
+        for s in SYSTEMS.iter().filter(|s| !has_uniblk(s.group)) {
+            assert!(
+                COMPARISONS
+                    .iter()
+                    .any(|c| c.system == s.name || c.baseline.contains(&s.name)),
+                "{s:?}"
+            );
         }
     }
 

@@ -538,10 +538,13 @@ impl Array {
         }
     }
 
-    /// Probe every remote member in service once: record the round trip, and take a member
-    /// that does not answer out of service when the array can spare it. The probe is not
-    /// wrapped in a timeout here: dropping a member future mid-flight is never allowed (see
-    /// IoBuf), so each member bounds its own probe with its request deadline.
+    /// Probe every remote member in service once by reading its superblock: the round
+    /// trip is recorded, and the superblock must still name this array and this member. A
+    /// server that came back with a blank or different disk (same address, other data)
+    /// would otherwise serve zeroes as if they were the array's data. A member that does
+    /// not answer, or answers as someone else, is taken out of service when the array can
+    /// spare it. No timeout wraps the read here: dropping a member future mid-flight is
+    /// never allowed (see IoBuf); each member bounds its requests with its own deadline.
     pub async fn probe_members(&self) {
         for (i, slot) in self.members.iter().enumerate() {
             let m = slot.member();
@@ -549,22 +552,36 @@ impl Array {
                 continue;
             }
             let start = std::time::Instant::now();
-            match m.probe().await {
-                Ok(()) => slot
-                    .stats
-                    .last_probe_us
-                    .store(start.elapsed().as_micros().max(1) as u64, Ordering::Relaxed),
-                Err(e) => {
-                    slot.stats.probes_failed.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(array = %self.name, member = %m.info().address, error = %e, "health probe failed");
-                    let mut failed: Vec<bool> =
-                        self.members.iter().map(|m| !m.is_healthy()).collect();
-                    failed[i] = true;
-                    if self.level.tolerates(&failed) {
-                        self.fault(i, FaultReason::from_error(&e)).await;
-                    }
+            let verdict = match read_superblock_block(&self.pool, &*m).await {
+                Ok(block) => {
+                    let rtt = start.elapsed().as_micros().max(1) as u64;
+                    slot.stats.last_probe_us.store(rtt, Ordering::Relaxed);
+                    self.check_identity(i, &block).await
+                }
+                Err(e) => Err(FaultReason::from_error(&e)),
+            };
+            if let Err(reason) = verdict {
+                slot.stats.probes_failed.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(array = %self.name, member = %m.info().address, ?reason, "health probe failed");
+                let mut failed: Vec<bool> = self.members.iter().map(|m| !m.is_healthy()).collect();
+                failed[i] = true;
+                if self.level.tolerates(&failed) {
+                    self.fault(i, reason).await;
                 }
             }
+        }
+    }
+
+    /// Whether a superblock block read from member `i` still identifies it as ours.
+    async fn check_identity(&self, i: usize, block: &[u8]) -> Result<(), FaultReason> {
+        let expected = self.superblocks.lock().await[i].member_uuid;
+        match Superblock::decode(block) {
+            Ok(sb) if sb.array_uuid == self.uuid && sb.member_uuid == expected => Ok(()),
+            Ok(sb) => Err(FaultReason::IdentityLost(format!(
+                "it now carries array '{}' member {}",
+                sb.array_name, sb.member_uuid
+            ))),
+            Err(e) => Err(FaultReason::IdentityLost(e.to_string())),
         }
     }
 

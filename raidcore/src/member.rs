@@ -49,12 +49,6 @@ pub trait Member: Send + Sync + 'static {
     /// Perform one I/O. The returned future is always polled to completion.
     fn submit(&self, io: MemberIo) -> IoFuture<'_>;
 
-    /// A request the member must answer, for health checks (remote members send one over
-    /// the wire). The caller times it. Local members have nothing to ask.
-    fn probe(&self) -> IoFuture<'_> {
-        Box::pin(std::future::ready(Ok(())))
-    }
-
     /// Release resources (flush is done by the core before this). Idempotent.
     fn close(&self) {}
 }
@@ -70,6 +64,9 @@ pub enum FaultReason {
     TooSmall,
     /// It missed writes while out of service (older event count than its peers).
     Stale,
+    /// Its storage no longer carries its superblock (a server that came back with a blank
+    /// or different disk): what it holds is not this array's data.
+    IdentityLost(String),
     /// An operator said so.
     Operator,
     /// An operator took it out of the array (`member remove`); its slot awaits `member add`.

@@ -121,6 +121,13 @@ impl Array {
         slot.rebuild.done.store(0, Ordering::Relaxed);
         slot.set_state(MemberState::Rebuilding);
         tracing::info!(array = %array, member = %slot.member().info().address, "rebuild started");
+        // Give the target its identity first (with its old, stale event count), so health
+        // probes during the copy recognise it and a crash mid-copy leaves it stale.
+        let sb = self.superblocks.lock().await[index].clone();
+        if let Err(e) = write_superblock(&self.pool, &*slot.member(), &sb).await {
+            slot.fail(FaultReason::from_error(&e));
+            return Err(RebuildError::Io { array, error: e });
+        }
         // Let writes that chose their copies before the switch finish.
         drop(self.resync_gate.write().await);
         if let Err((at, reason)) = self.copy_all(index, rate).await {

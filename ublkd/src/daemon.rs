@@ -440,7 +440,13 @@ impl Daemon {
             bail!("member {address} is already in use by a running array");
         }
         let parsed = backends::addr::parse(address)?;
-        let m = backends::addr::open(&parsed, address).await?;
+        let plan = &self
+            .arrays
+            .iter()
+            .find(|r| r.plan.name == array)
+            .context("array vanished")?
+            .plan;
+        let m = backends::addr::open_with(&parsed, address, &plan.remote).await?;
         if let Err(e) = a.add_member(slot, m.clone()).await {
             m.close();
             return Err(e.into());
@@ -517,6 +523,9 @@ fn fault_text(r: &raidcore::FaultReason) -> String {
         Disconnected => "disconnected".into(),
         TooSmall => "too small".into(),
         Stale => "stale (missed writes while out of service)".into(),
+        IdentityLost(why) => {
+            format!("identity lost: its superblock is gone ({why}); re-add it to rebuild")
+        }
         Operator => "failed by operator".into(),
         Removed => "removed by operator (slot empty: uniblk member add)".into(),
     }

@@ -335,12 +335,6 @@ impl Member for NbdMember {
         Box::pin(self.perform(io))
     }
 
-    /// The health probe the daemon times: one small read the server must answer, bounded
-    /// by the request deadline.
-    fn probe(&self) -> IoFuture<'_> {
-        Box::pin(async move { NbdMember::probe(self).await.map(|_| ()) })
-    }
-
     /// NBD_CMD_DISC on each connection, stop the supervisors. Idempotent.
     fn close(&self) {
         if self.closed.swap(true, Ordering::AcqRel) {

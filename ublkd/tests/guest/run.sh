@@ -25,5 +25,8 @@ for t in $ALL; do
 done
 echo "=== guest summary (kernel $(uname -r))"
 printf '  %s\n' "${results[@]}"
+n_ok=$(printf '%s\n' "${results[@]}" | grep -c '^ok ')
+n_fail=$(printf '%s\n' "${results[@]}" | grep -c '^FAIL')
+echo "guest: $n_ok passed, $n_fail failed"
 [ ${#results[@]} -gt 0 ] || { echo "no test matched: $want"; exit 1; }
 exit $failed
