@@ -235,6 +235,48 @@ impl Array {
         }
     }
 
+    /// Read or write straight in the caller's buffer: no pool buffer, no copy. For
+    /// frontends whose requests are always whole blocks (ublk: the device's logical block
+    /// is the array's). The range and the buffer must be aligned to `block_size()`, and
+    /// `buf` must stay valid and untouched until this returns (see IoBuf); anything else
+    /// is refused with Invalid, and the caller uses `buffer()` + `submit()` instead.
+    pub async fn submit_in_place(&self, io: FrontIo, buf: IoBuf) -> IoResult {
+        if self.is_closed() {
+            return Err(IoError::Shutdown);
+        }
+        self.check_range(io.offset, io.len)?;
+        if io.len > self.max_io() {
+            return Err(IoError::Invalid(format!(
+                "request of {} bytes exceeds the maximum of {} bytes",
+                io.len,
+                self.max_io()
+            )));
+        }
+        let bs = self.block_size as u64;
+        let aligned = io.offset.is_multiple_of(bs)
+            && io.len.is_multiple_of(bs)
+            && (buf.as_ptr() as u64).is_multiple_of(bs)
+            && buf.len() as u64 == io.len;
+        if !aligned {
+            return Err(IoError::Invalid(
+                "in-place I/O needs whole, aligned blocks".into(),
+            ));
+        }
+        if io.len == 0 {
+            return Ok(());
+        }
+        match io.op {
+            Op::Read => self.read_aligned(io.offset, buf).await,
+            Op::Write => {
+                self.write_aligned(io.offset, buf, Op::Write, io.flags.fua)
+                    .await
+            }
+            _ => Err(IoError::Invalid(
+                "in-place I/O is for reads and writes".into(),
+            )),
+        }
+    }
+
     fn check_range(&self, offset: u64, len: u64) -> IoResult {
         let size = self.size();
         match offset.checked_add(len) {

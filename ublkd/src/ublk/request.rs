@@ -3,11 +3,11 @@
 //!
 //! Data path (plain copy mode, the only one the 6.12 driver offers us here): the kernel
 //! copies a write's pages into the tag's ublk I/O buffer before handing us the request,
-//! and copies a read's data out of it when we commit. The array works on its own pool
-//! buffers (`Array::buffer`), so there is one more copy in user space: write = ublk buffer
-//! -> pool buffer, read = pool buffer -> ublk buffer. Kernels with UBLK_F_AUTO_BUF_REG
-//! (6.15+) can hand local members the request's pages directly; that needs members that
-//! accept registered buffers and is left for later.
+//! and copies a read's data out of it when we commit. Members then read and write that
+//! buffer directly (`Array::submit_in_place`; ublk requests are whole, aligned blocks and
+//! the tag buffer is page aligned), so there is no copy in user space. Only a request that
+//! is somehow not aligned goes through a pool buffer with one copy. Kernels with
+//! UBLK_F_AUTO_BUF_REG (6.15+) could skip the kernel's copy too; left for later.
 
 use std::sync::Arc;
 
@@ -99,7 +99,22 @@ pub async fn execute(array: &Array, io: FrontIo, data: &TagBuf) -> i32 {
     }
 }
 
+/// The tag buffer as the array's view of the request's data, when it can be used in place.
+fn in_place(array: &Array, io: &FrontIo, data: &TagBuf) -> Option<raidcore::IoBuf> {
+    let bs = array.block_size() as u64;
+    let fits = io.len <= data.0.len() as u64
+        && io.offset.is_multiple_of(bs)
+        && io.len.is_multiple_of(bs)
+        && (data.0.as_ptr() as u64).is_multiple_of(bs);
+    // SAFETY: see TagBuf: exclusive use of the buffer for this request, which the array
+    // I/O (driven to completion before we commit) does not outlive.
+    fits.then(|| unsafe { raidcore::IoBuf::from_raw(data.0.as_mut_ptr(), io.len as usize) })
+}
+
 async fn read(array: &Array, io: FrontIo, data: &TagBuf) -> Result<(), IoError> {
+    if let Some(buf) = in_place(array, &io, data) {
+        return array.submit_in_place(io, buf).await;
+    }
     let mut fb = array.buffer(io.offset, io.len).await?;
     array.submit(io, Some(&mut fb)).await?;
     data.copy_from(fb.data());
@@ -107,6 +122,9 @@ async fn read(array: &Array, io: FrontIo, data: &TagBuf) -> Result<(), IoError> 
 }
 
 async fn write(array: &Array, io: FrontIo, data: &TagBuf) -> Result<(), IoError> {
+    if let Some(buf) = in_place(array, &io, data) {
+        return array.submit_in_place(io, buf).await;
+    }
     let mut fb = array.buffer(io.offset, io.len).await?;
     data.copy_to(fb.data_mut());
     array.submit(io, Some(&mut fb)).await
