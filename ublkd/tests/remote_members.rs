@@ -649,7 +649,11 @@ fn killed_server_restarted_and_readded_holds_all_the_data_alone() {
         &[&format!("write -P 0xc3 {} {}", while_down.0, while_down.1)],
     )
     .unwrap();
-    assert_fio_clean(fio.join().unwrap(), per_job, false);
+    let res = fio.join().unwrap();
+    if !matches!(&res, Ok((true, _))) {
+        eprintln!("DEBUGLOG\n{}", tail(&rig.daemon.log(), 60));
+    }
+    assert_fio_clean(res, per_job, false);
     rig.assert_healthy(0);
 
     // A new, empty server on the same socket; the member reconnects in the background.
