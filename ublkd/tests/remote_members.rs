@@ -651,7 +651,7 @@ fn killed_server_restarted_and_readded_holds_all_the_data_alone() {
     .unwrap();
     let res = fio.join().unwrap();
     if !matches!(&res, Ok((true, _))) {
-        eprintln!("DEBUGLOG\n{}", tail(&rig.daemon.log(), 60));
+        eprintln!("daemon log tail:\n{}", tail(&rig.daemon.log(), 60));
     }
     assert_fio_clean(res, per_job, false);
     rig.assert_healthy(0);
