@@ -1,8 +1,9 @@
 //! Local members: a regular file (`file:/path`) or a block device (`dev:/dev/xxx`),
 //! opened O_RDWR | O_DIRECT | O_CLOEXEC.
 //!
-//! Two engines run the I/O: io_uring (one ring thread per member, see `uring`) and a
-//! pread/pwrite fallback on tokio's blocking pool (see `pread`). [`Engine::Auto`] is the
+//! Two engines run the I/O: io_uring (one ring per member, completions through the
+//! runtime's reactor, see `uring`) and a pread/pwrite fallback on tokio's blocking pool
+//! (see `pread`). [`Engine::Auto`] is the
 //! process-wide choice made once, at the first open, and logged: io_uring unless
 //! `UNIBLK_NO_IO_URING=1` is set or the kernel lacks it.
 //!
@@ -259,7 +260,7 @@ impl Member for LocalMember {
         Box::pin(self.perform(io))
     }
 
-    /// Stop and join the ring thread (after its in-flight I/O completes). Idempotent;
+    /// Stop the ring (waiting for its in-flight I/O to complete). Idempotent;
     /// also done on drop. Later submissions fail with `IoError::Shutdown`.
     fn close(&self) {
         self.closed.store(true, Ordering::Release);

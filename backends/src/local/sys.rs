@@ -149,19 +149,6 @@ fn off_t(v: u64) -> Result<libc::off_t, Errno> {
     libc::off_t::try_from(v).map_err(|_| libc::EINVAL)
 }
 
-/// A fresh blocking, close-on-exec eventfd (blocking so that io_uring's armed read parks
-/// on it instead of failing with EAGAIN).
-pub(crate) fn eventfd() -> std::io::Result<std::os::fd::OwnedFd> {
-    use std::os::fd::FromRawFd;
-    // SAFETY: plain syscall; on success we own the returned descriptor.
-    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: fd is a valid descriptor nobody else owns.
-    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
-}
-
 /// Add one to an eventfd's counter. Cannot block in practice (the counter would have to
 /// reach 2^64-2) and can only fail on a bad descriptor, which the owner of `fd` rules
 /// out, so the result is not checked.
@@ -169,4 +156,24 @@ pub(crate) fn eventfd_ring(fd: RawFd) {
     let one: u64 = 1;
     // SAFETY: writes 8 bytes from a valid u64.
     let _ = unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
+}
+
+/// A non-blocking eventfd, for the reactor to watch.
+pub(crate) fn eventfd_nonblocking() -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain syscall; on success we own the returned descriptor.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd is a valid descriptor nobody else owns.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
+/// Read (and so reset) a non-blocking eventfd's counter: true if it was non-zero.
+pub(crate) fn eventfd_take(fd: RawFd) -> bool {
+    let mut n: u64 = 0;
+    // SAFETY: reads 8 bytes into a valid u64.
+    let r = unsafe { libc::read(fd, (&mut n as *mut u64).cast(), 8) };
+    r == 8
 }

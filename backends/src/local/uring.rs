@@ -1,87 +1,85 @@
-//! The io_uring engine: one ring and one thread per member.
+//! The io_uring engine: one ring per member, no thread of its own.
 //!
-//! Callers (tokio tasks) push a job onto a lock-free queue and await a oneshot. The ring
-//! thread sleeps in `submit_and_wait`, so it wakes on a completion or on the "doorbell":
-//! an eventfd it keeps a read armed on. Callers only ring the doorbell when the thread has
-//! announced it is going to sleep (`sleeping`), which keeps the common busy case free of
-//! system calls on the caller side.
+//! Callers submit: a tokio task locks the ring, queues its SQE and enters the kernel once
+//! (for O_DIRECT the block layer gets the bio right there). Completions come back through
+//! an eventfd registered with the ring and watched by the runtime's reactor: a reaper task
+//! per member drains the CQ and answers each caller's oneshot. A request therefore costs
+//! one wake-up (the reactor seeing the eventfd) instead of the two thread hand-offs of a
+//! ring thread (doorbell to the thread, completion back to the runtime), which at queue
+//! depth 1 were most of a 4 KiB read's latency.
 //!
-//! The no-lost-wakeup argument (Dekker style, both sides use a SeqCst fence):
-//!   caller: push job; fence; if sleeping { ring }
-//!   thread: sleeping = true; fence; if queue non-empty { don't sleep }
-//! Either the caller sees `sleeping` and rings, or the thread sees the job.
+//! The reaper is spawned on the runtime of the first caller and again whenever the
+//! previous one is gone (its runtime shut down). Outside any tokio runtime a job runs as
+//! blocking system calls instead.
 //!
 //! Buffers: a job's reply is sent only after its last CQE has been reaped, so the kernel
-//! never touches a buffer after its owner was told the I/O is done. On close the thread
-//! waits for every submitted job (and its own doorbell read) before it exits.
+//! never touches a buffer after its owner was told the I/O is done. Stopping waits for
+//! every submitted job; the ring is closed only with nothing in flight.
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::atomic::{fence, AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use crossbeam_queue::SegQueue;
 use io_uring::{opcode, squeue, types, IoUring, Probe};
-use tokio::sync::oneshot;
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
 use super::job::{Job, JobError, JobKind, JobResult, MAX_CHUNK};
 use super::sys;
 
-/// Submission queue size. Jobs in flight are capped one below it so the SQ always has
-/// room for every resubmission plus the doorbell read, and the CQ (twice the SQ) can
-/// never overflow.
+/// Submission queue size; jobs in flight are capped below it (a semaphore), so a push
+/// never finds the SQ full and the CQ (twice the SQ) never overflows.
 const ENTRIES: u32 = 256;
 const MAX_IN_FLIGHT: usize = ENTRIES as usize - 1;
-/// user_data of the doorbell read; job slots use their index.
-const DOORBELL: u64 = u64::MAX;
 
 struct Pending {
     job: Job,
     reply: oneshot::Sender<JobResult>,
+    /// Held until the job is answered: bounds the jobs in the kernel.
+    _permit: OwnedSemaphorePermit,
 }
 
-/// What callers and the ring thread share.
-struct Shared {
-    queue: SegQueue<Pending>,
-    doorbell: OwnedFd,
-    /// The ring thread is (about to be) blocked and needs the doorbell for new work.
-    sleeping: AtomicBool,
-    /// close() was called: no new jobs start; the thread exits once idle.
+/// A job the kernel is working on, and how much of it is done (short transfers are
+/// resubmitted from there).
+struct Slot {
+    pending: Pending,
+    done: u64,
+}
+
+enum Next {
+    Finish(JobResult),
+    Resubmit,
+}
+
+/// The ring and its jobs, under one lock: io_uring's SQ has a single producer.
+struct Ring {
+    ring: IoUring,
+    fd: types::Fd,
+    slots: Vec<Option<Slot>>,
+    free: Vec<usize>,
+    in_flight: usize,
+    /// Reused completion batch (user_data, result).
+    cqes: Vec<(u64, i32)>,
+}
+
+struct Inner {
+    ring: Mutex<Ring>,
+    slots: Arc<Semaphore>,
+    /// Registered with the ring: counts completions; the reaper waits on it.
+    completions: OwnedFd,
+    /// Keeps the descriptor open while jobs are in flight.
+    file: Arc<File>,
     stopping: AtomicBool,
-    /// The thread has exited: whoever sees this drains the queue (see `push`).
-    dead: AtomicBool,
+    reaper_alive: AtomicBool,
+    name: String,
 }
 
-impl Shared {
-    fn push(&self, p: Pending) {
-        self.queue.push(p);
-        fence(Ordering::SeqCst);
-        if self.dead.load(Ordering::Relaxed) {
-            // The thread is gone and close() may already have drained the queue; the
-            // fence pairs with close()'s, so one of us is sure to see this job.
-            self.fail_queued();
-        } else if self.sleeping.load(Ordering::Relaxed) {
-            sys::eventfd_ring(self.doorbell.as_raw_fd());
-        }
-    }
-
-    fn fail_queued(&self) {
-        while let Some(p) = self.queue.pop() {
-            let _ = p.reply.send(Err(JobError::Shutdown));
-        }
-    }
-
-    fn stopping(&self) -> bool {
-        self.stopping.load(Ordering::Acquire)
-    }
-}
-
-/// Handle on a running ring thread. Dropping it stops the thread.
+/// Handle on a member's ring. Dropping it stops it.
 pub(crate) struct Uring {
-    shared: Arc<Shared>,
-    thread: Mutex<Option<JoinHandle<()>>>,
+    inner: Arc<Inner>,
 }
 
 /// Whether this kernel offers io_uring with every opcode the engine uses.
@@ -108,52 +106,73 @@ fn check_opcodes(ring: &IoUring) -> Result<(), String> {
 }
 
 impl Uring {
-    /// Set up a ring for `file` and start its thread (named `uring:<name>`).
+    /// Set up a ring for `file` (`name` labels its log lines).
     pub fn start(file: Arc<File>, name: &str) -> std::io::Result<Self> {
         let ring = IoUring::new(ENTRIES)?;
         check_opcodes(&ring).map_err(std::io::Error::other)?;
-        let shared = Arc::new(Shared {
-            queue: SegQueue::new(),
-            doorbell: sys::eventfd()?,
-            sleeping: AtomicBool::new(false),
-            stopping: AtomicBool::new(false),
-            dead: AtomicBool::new(false),
-        });
-        let worker = RingThread::new(ring, file, Arc::clone(&shared));
-        let thread = std::thread::Builder::new()
-            .name(format!("uring:{name}"))
-            .spawn(move || worker.run())?;
+        let completions = sys::eventfd_nonblocking()?;
+        ring.submitter().register_eventfd(completions.as_raw_fd())?;
+        let fd = types::Fd(file.as_raw_fd());
         Ok(Uring {
-            shared,
-            thread: Mutex::new(Some(thread)),
+            inner: Arc::new(Inner {
+                ring: Mutex::new(Ring {
+                    ring,
+                    fd,
+                    slots: Vec::new(),
+                    free: Vec::new(),
+                    in_flight: 0,
+                    cqes: Vec::with_capacity(2 * ENTRIES as usize),
+                }),
+                slots: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+                completions,
+                file,
+                stopping: AtomicBool::new(false),
+                reaper_alive: AtomicBool::new(false),
+                name: name.to_string(),
+            }),
         })
     }
 
     /// Run one job on the ring and wait for its completion.
     pub async fn run(&self, job: Job) -> JobResult {
-        if self.shared.stopping() {
+        let inner = &self.inner;
+        if inner.stopping() {
             return Err(JobError::Shutdown);
         }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            // No reactor to hear completions on: do it the blocking way.
+            return sys::run_blocking(inner.file.as_raw_fd(), job).map_err(JobError::Errno);
+        };
+        inner.ensure_reaper(&rt);
+        let Ok(permit) = inner.slots.clone().acquire_owned().await else {
+            return Err(JobError::Shutdown);
+        };
         let (reply, done) = oneshot::channel();
-        self.shared.push(Pending { job, reply });
-        // A dropped sender means the job was discarded unstarted at shutdown.
+        {
+            let mut ring = inner.lock();
+            // Checked under the lock stop() drains under, so no job slips in after.
+            if inner.stopping() {
+                return Err(JobError::Shutdown);
+            }
+            ring.start(Pending {
+                job,
+                reply,
+                _permit: permit,
+            });
+            ring.enter(0);
+        }
+        // A dropped sender means the job was discarded at shutdown.
         done.await.unwrap_or(Err(JobError::Shutdown))
     }
 
-    /// Stop the thread once its in-flight jobs are complete, and join it. Queued jobs
-    /// that never started fail with Shutdown. Idempotent; concurrent callers wait for
-    /// the first one to finish.
+    /// Refuse new jobs and wait (blocking) until every submitted one is complete.
+    /// Idempotent.
     pub fn stop(&self) {
-        let mut guard = self.thread.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(thread) = guard.take() else { return };
-        self.shared.stopping.store(true, Ordering::SeqCst);
-        sys::eventfd_ring(self.shared.doorbell.as_raw_fd());
-        if thread.join().is_err() {
-            tracing::error!("io_uring thread panicked");
-        }
-        self.shared.dead.store(true, Ordering::Relaxed);
-        fence(Ordering::SeqCst);
-        self.shared.fail_queued();
+        self.inner.stopping.store(true, Ordering::SeqCst);
+        self.inner.slots.close();
+        self.inner.drain();
+        // Wake the reaper so it sees there is nothing left and ends.
+        sys::eventfd_ring(self.inner.completions.as_raw_fd());
     }
 }
 
@@ -163,77 +182,115 @@ impl Drop for Uring {
     }
 }
 
-/// A job the kernel is working on, and how much of it is done (short transfers are
-/// resubmitted from there).
-struct Slot {
-    pending: Pending,
-    done: u64,
-}
-
-enum Next {
-    Finish(JobResult),
-    Resubmit,
-}
-
-struct RingThread {
-    ring: IoUring,
-    fd: types::Fd,
-    /// Keeps the descriptor open while jobs are in flight.
-    _file: Arc<File>,
-    shared: Arc<Shared>,
-    slots: Vec<Option<Slot>>,
-    free: Vec<usize>,
-    in_flight: usize,
-    /// Target of the armed doorbell read; boxed so its address is stable.
-    bell_buf: Box<u64>,
-    bell_armed: bool,
-    /// Reused completion batch (user_data, result).
-    cqes: Vec<(u64, i32)>,
-}
-
-impl RingThread {
-    fn new(ring: IoUring, file: Arc<File>, shared: Arc<Shared>) -> Self {
-        RingThread {
-            ring,
-            fd: types::Fd(file.as_raw_fd()),
-            _file: file,
-            shared,
-            slots: Vec::new(),
-            free: Vec::new(),
-            in_flight: 0,
-            bell_buf: Box::new(0),
-            bell_armed: false,
-            cqes: Vec::with_capacity(2 * ENTRIES as usize),
-        }
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, Ring> {
+        self.ring.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn run(mut self) {
-        loop {
-            self.reap();
-            self.take_new();
-            if self.shared.stopping() && self.in_flight == 0 {
-                break;
-            }
-            self.arm_doorbell();
-            self.wait();
-        }
-        self.disarm_doorbell();
+    fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
     }
 
-    /// Start queued jobs while there is room; once stopping, fail them instead.
-    fn take_new(&mut self) {
-        if self.shared.stopping() {
-            self.shared.fail_queued();
+    /// Start a reaper on `rt` unless one is running.
+    fn ensure_reaper(self: &Arc<Self>, rt: &tokio::runtime::Handle) {
+        if self.reaper_alive.load(Ordering::Acquire) {
             return;
         }
-        while self.in_flight < MAX_IN_FLIGHT {
-            let Some(pending) = self.shared.queue.pop() else {
-                break;
-            };
-            self.start(pending);
+        if self.reaper_alive.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let _enter = rt.enter();
+        let watched = EventFd(self.completions.as_raw_fd());
+        // SAFETY: the descriptor is `completions`, owned by `Inner`, which the reaper keeps
+        // alive (Reaper::inner) for longer than the AsyncFd (dropped first, see Reaper).
+        match unsafe { AsyncFd::register_with_interest(watched, Interest::READABLE) } {
+            Ok(fd) => {
+                let reaper = Reaper {
+                    fd,
+                    inner: Arc::clone(self),
+                };
+                rt.spawn(reaper.run());
+            }
+            Err(e) => {
+                let e = e.into_parts().1;
+                // Not expected (epoll refusing an eventfd); jobs would never complete.
+                tracing::error!(member = %self.name, "cannot watch io_uring completions: {e}");
+                self.reaper_alive.store(false, Ordering::Release);
+            }
         }
     }
 
+    /// Block until nothing is in flight (stop, and the last drop).
+    fn drain(&self) {
+        loop {
+            let mut ring = self.lock();
+            ring.reap();
+            if ring.in_flight == 0 {
+                return;
+            }
+            drop(ring);
+            // The reaper may be busy or gone (runtime shut down): poll the CQ here.
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // The kernel must hold no pointer into a caller's buffer when the ring closes.
+        self.drain();
+    }
+}
+
+/// The registered eventfd as the reactor sees it (owned by `Inner`).
+struct EventFd(RawFd);
+
+impl AsRawFd for EventFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0
+    }
+}
+
+/// The task that answers completions. Fields drop in order: the AsyncFd before the
+/// `Inner` that owns its descriptor.
+struct Reaper {
+    fd: AsyncFd<EventFd>,
+    inner: Arc<Inner>,
+}
+
+impl Reaper {
+    /// Drain completions whenever the eventfd says there are some; end once stopped and
+    /// idle. Marks itself gone (Drop) when it ends or is dropped with its runtime.
+    async fn run(self) {
+        let inner = &self.inner;
+        loop {
+            let Ok(mut ready) = self.fd.readable().await else {
+                return;
+            };
+            // Reset the counter before draining, so a completion posted after the drain
+            // makes it readable again; clear_ready keeps readiness that arrived since
+            // `readable` returned, so no completion is missed.
+            sys::eventfd_take(inner.completions.as_raw_fd());
+            ready.clear_ready();
+            let idle = {
+                let mut ring = inner.lock();
+                ring.reap();
+                ring.in_flight == 0
+            };
+            if idle && inner.stopping() {
+                return;
+            }
+        }
+    }
+}
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        self.inner.reaper_alive.store(false, Ordering::Release);
+    }
+}
+
+impl Ring {
     fn start(&mut self, pending: Pending) {
         let idx = self.free.pop().unwrap_or_else(|| {
             self.slots.push(None);
@@ -286,30 +343,44 @@ impl RingThread {
     /// Push one SQE, flushing the SQ to the kernel once if it is full.
     fn push_sqe(&mut self, entry: &squeue::Entry) -> bool {
         for _ in 0..2 {
-            // SAFETY: the entry's buffer (a job's IoBuf, or bell_buf) stays valid until
-            // its CQE is reaped: callers keep IoBufs alive until we reply, and we reply
-            // only after the CQE; bell_buf lives until the thread exits, after its read
-            // completed (disarm_doorbell).
+            // SAFETY: the entry's buffer (a job's IoBuf) stays valid until its CQE is
+            // reaped: callers keep IoBufs alive until we reply, and we reply only after
+            // the CQE; the ring is closed only with nothing in flight (Inner::drop).
             if unsafe { self.ring.submission().push(entry) }.is_ok() {
                 return true;
             }
-            let _ = self.ring.submit();
+            self.enter(0);
         }
         false
     }
 
+    /// Hand queued SQEs to the kernel (and, with `want`, wait for that many CQEs).
+    fn enter(&mut self, want: usize) {
+        let Err(e) = self.ring.submit_and_wait(want) else {
+            return;
+        };
+        match e.raw_os_error() {
+            // Interrupted, or the kernel is short of memory or needs the CQ reaped: the
+            // SQEs stay queued and go with the next enter (the reaper enters after every
+            // drain that resubmits, and every new job enters).
+            Some(libc::EINTR | libc::EBUSY | libc::EAGAIN) => {}
+            _ => tracing::error!("io_uring_enter failed: {e}"),
+        }
+    }
+
+    /// Answer every completed job; resubmit the rest of short transfers.
     fn reap(&mut self) {
         let mut cqes = std::mem::take(&mut self.cqes);
         cqes.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
         for &(user_data, res) in &cqes {
-            if user_data == DOORBELL {
-                self.bell_armed = false;
-            } else {
-                self.complete(user_data as usize, res);
-            }
+            self.complete(user_data as usize, res);
         }
+        let resubmitted = !cqes.is_empty() && !self.ring.submission().is_empty();
         cqes.clear();
         self.cqes = cqes;
+        if resubmitted {
+            self.enter(0);
+        }
     }
 
     fn complete(&mut self, idx: usize, res: i32) {
@@ -328,63 +399,6 @@ impl RingThread {
             self.in_flight -= 1;
             self.free.push(idx);
             let _ = slot.pending.reply.send(result);
-        }
-    }
-
-    /// Keep a read armed on the doorbell while running (not once stopping: the last
-    /// one must be collected before exit, see disarm_doorbell).
-    fn arm_doorbell(&mut self) {
-        if self.bell_armed || self.shared.stopping() {
-            return;
-        }
-        let ptr = (&mut *self.bell_buf as *mut u64).cast::<u8>();
-        let entry = opcode::Read::new(types::Fd(self.shared.doorbell.as_raw_fd()), ptr, 8)
-            .build()
-            .user_data(DOORBELL);
-        self.bell_armed = self.push_sqe(&entry);
-    }
-
-    /// Submit what is queued and sleep until a completion (or a doorbell) arrives,
-    /// unless new work slipped in while we were deciding to sleep.
-    fn wait(&mut self) {
-        let wants_doorbell = self.in_flight < MAX_IN_FLIGHT && !self.shared.stopping();
-        if wants_doorbell {
-            self.shared.sleeping.store(true, Ordering::Relaxed);
-            fence(Ordering::SeqCst);
-            if !self.shared.queue.is_empty() {
-                self.shared.sleeping.store(false, Ordering::Relaxed);
-                self.enter(0);
-                return;
-            }
-        }
-        self.enter(1);
-        self.shared.sleeping.store(false, Ordering::Relaxed);
-    }
-
-    fn enter(&mut self, want: usize) {
-        let Err(e) = self.ring.submit_and_wait(want) else {
-            return;
-        };
-        match e.raw_os_error() {
-            // Interrupted, or the CQ needs reaping first: the loop reaps and retries.
-            Some(libc::EINTR | libc::EBUSY | libc::EAGAIN) => {}
-            _ => {
-                tracing::error!("io_uring_enter failed: {e}; retrying");
-                // Not expected on a healthy ring; back off rather than spin.
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        }
-    }
-
-    /// Collect our own doorbell read so the kernel holds no pointer into this thread's
-    /// memory when the ring is torn down.
-    fn disarm_doorbell(&mut self) {
-        if self.bell_armed {
-            sys::eventfd_ring(self.shared.doorbell.as_raw_fd());
-        }
-        while self.bell_armed {
-            self.enter(1);
-            self.reap();
         }
     }
 }
@@ -438,7 +452,11 @@ mod tests {
         };
         (
             Slot {
-                pending: Pending { job, reply },
+                pending: Pending {
+                    job,
+                    reply,
+                    _permit: Arc::new(Semaphore::new(1)).try_acquire_owned().unwrap(),
+                },
                 done: 0,
             },
             rx,
