@@ -20,6 +20,8 @@ pub const PACKAGES: &[&str] = &[
     "util-linux",        // losetup, mount
     "libclang1-14",      // bindgen for libublk at build time
     "iproute2",          // ip netns, tc: AoE tests
+    "vblade",            // AoE target for the AoE member tests
+    "nftables",          // nft: dropping a fraction of AoE frames (lossy-link test)
     "kmod",              // modprobe
     "fonts-dejavu-core", // the benchmark chart's font
     "nbd-client",        // the kernel NBD client, in the guest tests (cargo xtask vm-test)
