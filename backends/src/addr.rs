@@ -10,8 +10,9 @@
 //! | `iscsi://[user[%password]@]host[:port]/target-iqn/lun` | iSCSI (qemu/libiscsi form) |
 //! | `aoe:IFACE/SHELF.SLOT` | ATA over Ethernet, e.g. `aoe:eth0/7.3` |
 //!
-//! NBD addresses open an [`crate::nbd::NbdMember`]; iSCSI and AoE addresses parse (so
-//! layouts can be checked) but do not open yet in this build.
+//! NBD addresses open an [`crate::nbd::NbdMember`], AoE addresses an
+//! [`crate::aoe::AoeMember`] (on the interface of the daemon's network namespace);
+//! iSCSI addresses parse (so layouts can be checked) but do not open yet in this build.
 //! Local paths must be absolute: the daemon's working directory is nobody's business.
 //! `file:` and `dev:` are hints: the type found on disk decides (see [`crate::local`]).
 
@@ -141,6 +142,13 @@ pub enum OpenError {
         addr: String,
         error: crate::nbd::NbdError,
     },
+    /// An AoE target could not be found or used, or the raw socket was refused (the
+    /// error names the interface, the target and the fix).
+    #[error("member {addr}: {error}")]
+    Aoe {
+        addr: String,
+        error: crate::aoe::AoeError,
+    },
 }
 
 impl OpenError {
@@ -185,6 +193,7 @@ impl OpenError {
             OpenError::Unsupported { .. } => libc::EOPNOTSUPP,
             OpenError::Abandoned { .. } => libc::EIO,
             OpenError::Remote { error, .. } => error.errno(),
+            OpenError::Aoe { error, .. } => error.errno(),
         }
     }
 }
@@ -452,11 +461,19 @@ pub async fn open_with(
             "iscsi",
             "log in with iscsiadm and use the resulting dev:/dev/sdX meanwhile",
         )),
-        MemberAddr::Aoe { .. } => Err(unsupported(
-            text,
-            "aoe",
-            "load the aoe module (aoe-discover) and use dev:/dev/etherd/eSHELF.SLOT meanwhile",
-        )),
+        MemberAddr::Aoe { iface, shelf, slot } => {
+            let opts = crate::aoe::AoeOptions {
+                timeout: remote.timeout,
+                ..crate::aoe::AoeOptions::default()
+            };
+            match crate::aoe::AoeMember::open(text, iface, *shelf, *slot, opts).await {
+                Ok(m) => Ok(Arc::new(m)),
+                Err(error) => Err(OpenError::Aoe {
+                    addr: text.to_string(),
+                    error,
+                }),
+            }
+        }
     }
 }
 
@@ -642,8 +659,8 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn iscsi_and_aoe_members_do_not_open_yet() {
-        for (text, proto) in [("iscsi://h/iqn.x/0", "iscsi"), ("aoe:eth0/1.2", "aoe")] {
+    async fn iscsi_members_do_not_open_yet() {
+        for (text, proto) in [("iscsi://h/iqn.x/0", "iscsi")] {
             let addr = parse(text).expect(text);
             let e = open(&addr, text).await.err().expect(text);
             let msg = e.to_string();
@@ -651,6 +668,21 @@ mod tests {
             assert!(msg.starts_with(&want), "{msg}");
             assert_eq!(e.errno(), libc::EOPNOTSUPP);
         }
+    }
+
+    /// Without root: the raw socket is refused and the message says CAP_NET_RAW. As
+    /// root: there is no such interface. Either way the member is named.
+    #[tokio::test]
+    async fn aoe_member_on_a_missing_interface_says_so() {
+        let text = "aoe:nosuchif0/1.2";
+        let e = open(&parse(text).unwrap(), text).await.err().unwrap();
+        let msg = e.to_string();
+        assert!(msg.starts_with("member aoe:nosuchif0/1.2: AoE"), "{msg}");
+        assert!(
+            msg.contains("no network interface 'nosuchif0'") || msg.contains("CAP_NET_RAW"),
+            "{msg}"
+        );
+        assert!(matches!(e.errno(), libc::ENODEV | libc::EPERM), "{msg}");
     }
 
     #[tokio::test]

@@ -1,4 +1,8 @@
 //! `uniblk scan`: what a remote server offers, before it goes into a layout.
+//! `nbd://...` lists a server's exports; `aoe:IFACE` broadcasts a Query Config on the
+//! interface and lists every AoE target that answers (shelf.slot, size, MAC).
+
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use serde_json::json;
@@ -9,11 +13,55 @@ pub async fn run(target: &str, as_json: bool) -> Result<()> {
     if target.starts_with("nbd://") || target.starts_with("nbd+unix://") {
         return nbd(target, as_json).await;
     }
-    let scheme = target.split(':').next().unwrap_or(target);
+    let (scheme, rest) = target.split_once(':').unwrap_or((target, ""));
     match scheme {
-        "iscsi" | "aoe" => bail!("scanning {scheme} targets is not supported yet in this build (only nbd:// and nbd+unix://)"),
-        _ => bail!("cannot scan '{target}': give a server address like nbd://HOST[:PORT] or nbd+unix:///?socket=/path"),
+        "aoe" => aoe(rest, as_json).await,
+        "iscsi" => bail!("scanning iscsi targets is not supported yet in this build (only nbd://, nbd+unix:// and aoe:IFACE)"),
+        _ => bail!("cannot scan '{target}': give a server address like nbd://HOST[:PORT], nbd+unix:///?socket=/path or aoe:IFACE"),
     }
+}
+
+/// How long targets have to answer the broadcast.
+const AOE_WAIT: Duration = Duration::from_secs(1);
+
+async fn aoe(iface: &str, as_json: bool) -> Result<()> {
+    if iface.is_empty() || iface.contains('/') {
+        bail!("cannot scan 'aoe:{iface}': give the interface alone, e.g. aoe:eth0");
+    }
+    let found = backends::aoe::scan(iface, AOE_WAIT)
+        .await
+        .with_context(|| format!("scanning aoe:{iface}"))?;
+    if as_json {
+        let v: Vec<_> = found
+            .iter()
+            .map(|(f, size)| {
+                json!({
+                    "address": format!("aoe:{iface}/{}.{}", f.shelf, f.slot),
+                    "shelf": f.shelf, "slot": f.slot, "size": size,
+                    "mac": f.mac.to_string(), "buffers": f.config.buffers,
+                    "max_sectors": f.config.max_sectors,
+                    "firmware": f.config.firmware,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    if found.is_empty() {
+        println!("aoe:{iface}: no AoE target answered within {AOE_WAIT:?}");
+        return Ok(());
+    }
+    println!("{:<24} {:>12}  {:<17}  buffers", "target", "size", "mac");
+    for (f, size) in &found {
+        let addr = format!("aoe:{iface}/{}.{}", f.shelf, f.slot);
+        let size = size.map(human).unwrap_or_else(|| "?".into());
+        println!(
+            "{addr:<24} {size:>12}  {:<17}  {}",
+            f.mac.to_string(),
+            f.config.buffers
+        );
+    }
+    Ok(())
 }
 
 async fn nbd(target: &str, as_json: bool) -> Result<()> {
