@@ -186,8 +186,6 @@ struct Active {
     all_issued: bool,
     /// Its frames in the window.
     outstanding: usize,
-    /// A frame of it could not be sent (the link refused it) the last time it was tried.
-    send_failed: bool,
     retransmits: u32,
 }
 
@@ -291,7 +289,6 @@ impl Engine {
             issued: 0,
             all_issued: false,
             outstanding: 0,
-            send_failed: false,
             retransmits: 0,
         };
         let i = match self.free_reqs.pop() {
@@ -388,11 +385,10 @@ impl Engine {
         };
         self.stats.frames_sent.fetch_add(1, Ordering::Relaxed);
         match self.sock.send(&head, data) {
-            Ok(()) => a.send_failed = false,
+            Ok(()) => self.last_send_error = None,
             // The kernel queue is full: the timer sends it again.
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
             Err(e) => {
-                a.send_failed = true;
                 self.stats.send_errors.fetch_add(1, Ordering::Relaxed);
                 if self.last_send_error.is_none() {
                     tracing::warn!(member = %self.name, iface = %self.sock.iface, error = %e, "AoE frames cannot be sent");
@@ -631,8 +627,10 @@ impl Engine {
             a.sectors * SECTOR as u64,
             a.lba * SECTOR as u64
         );
+        // The link refusing frames now explains every request's silence, also of those
+        // whose frames never left the queue.
         match &self.last_send_error {
-            Some(e) if a.send_failed => IoError::Disconnected(format!(
+            Some(e) => IoError::Disconnected(format!(
                 "{what} could not be sent: the link on {} refuses frames ({e})",
                 self.sock.iface
             )),
