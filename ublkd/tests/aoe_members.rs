@@ -246,6 +246,8 @@ fn wait_written(rig: &Rig, m: usize, bytes: u64, fio: &JoinHandle<Result<(bool, 
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Level {
+    /// One member: chunk c at c * CHUNK.
+    Linear,
     Raid1,
     Raid10,
 }
@@ -253,6 +255,7 @@ enum Level {
 fn chunk_copies(level: Level, n: usize, c: u64) -> Vec<(usize, u64)> {
     let n64 = n as u64;
     match level {
+        Level::Linear => vec![(0, c * CHUNK)],
         Level::Raid1 => (0..n).map(|m| (m, c * CHUNK)).collect(),
         Level::Raid10 => (0..2)
             .map(|k| {
@@ -379,6 +382,29 @@ fn raid10_of_local_aoe_and_nbd_verifies_and_stripes() {
             fixtures::nbd_image(&uri).unwrap(),
         ]
     });
+}
+
+/// 5% of AoE frames dropped at each end of the link (nftables): fio's crc32c
+/// verification through a linear array of the AoE member alone passes, and
+/// vblade's file holds the array's bytes in place.
+#[test]
+fn lossy_link_fio_verifies_through_an_aoe_member_alone() {
+    if !can_run(&["nft"]) {
+        return;
+    }
+    let net = Net::new(9000);
+    net.pair.drop_aoe_frames(5).unwrap();
+    let mut rig = Rig::start(&net, "lossy", "linear", &[net.aoe()], "timeout = \"10s\"");
+    let file = net.aoe_file.clone();
+    verify_round(&mut rig, Level::Linear, 16 * MIB, || {
+        vec![std::fs::read(&file).unwrap()]
+    });
+    let dropped = net.pair.dropped_frames().unwrap();
+    assert!(
+        dropped > 100,
+        "the loss rules dropped only {dropped} frames"
+    );
+    eprintln!("lossy link: {dropped} AoE frames dropped, every byte verified");
 }
 
 /// The fault mid-run of a raid1(local + AoE) with `remote.timeout` 1 s: fio ends clean,
