@@ -152,6 +152,7 @@ pub fn start(sock: AoeSocket, target: Target, name: &str) -> Handle {
         shared_target: shared_target.clone(),
         name: name.to_string(),
         slots: (0..MAX_WINDOW).map(|_| None).collect(),
+        used: 0,
         free: (0..MAX_WINDOW as u16).rev().collect(),
         seq: 0,
         reqs: Vec::new(),
@@ -210,6 +211,9 @@ struct Engine {
     shared_target: Arc<Mutex<Target>>,
     name: String,
     slots: Vec<Option<InFlight>>,
+    /// Slots below this index have been used; the free list hands out the lowest ones
+    /// first, so scans of the window stop here (about the window size, not 256).
+    used: usize,
     free: Vec<u16>,
     seq: u16,
     reqs: Vec<Option<Active>>,
@@ -335,6 +339,7 @@ impl Engine {
                 self.issue.pop_front();
             }
             self.slots[usize::from(slot)] = Some(f);
+            self.used = self.used.max(usize::from(slot) + 1);
             self.transmit(usize::from(slot));
         }
     }
@@ -563,7 +568,7 @@ impl Engine {
         if self.lost_since.is_some() {
             // Everything in flight goes out again now, to wherever the target is.
             let now = Instant::now();
-            for f in self.slots.iter_mut().flatten() {
+            for f in self.slots[..self.used].iter_mut().flatten() {
                 f.due = now;
             }
         }
@@ -574,7 +579,7 @@ impl Engine {
 
     fn next_wake(&self) -> Instant {
         let far = Instant::now() + Duration::from_secs(3600);
-        let frames = self.slots.iter().flatten().map(|f| f.due);
+        let frames = self.slots[..self.used].iter().flatten().map(|f| f.due);
         let deadlines = self.reqs.iter().flatten().map(|a| a.deadline);
         let query = self.lost_since.map(|_| self.next_query);
         frames.chain(deadlines).chain(query).min().unwrap_or(far)
@@ -587,7 +592,7 @@ impl Engine {
                 self.fail(i, e);
             }
         }
-        for slot in 0..self.slots.len() {
+        for slot in 0..self.used {
             let Some(f) = self.slots[slot].as_mut() else {
                 continue;
             };
@@ -656,7 +661,7 @@ impl Engine {
         };
         // A request that succeeded has neither (and finishing is on the hot path).
         if outstanding > 0 {
-            for slot in 0..self.slots.len() {
+            for slot in 0..self.used {
                 if self.slots[slot].is_some_and(|f| f.req == req) {
                     self.release(slot);
                 }
