@@ -8,6 +8,7 @@
 use std::future::Future;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use std::time::Duration;
 
@@ -417,4 +418,151 @@ fn drop_cap_net_raw() {
         d[0].effective &= !(1 << 13); // CAP_NET_RAW
         assert_eq!(libc::syscall(libc::SYS_capset, &mut h, d.as_ptr()), 0);
     }
+}
+
+/// Sets the flag on drop, so the injector stops also when the I/O side panics.
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Garbage on the wire while I/O runs: truncated frames, other versions, requests,
+/// replies with tags of no frame in flight (some with the error flag, some far past the
+/// window), config replies claiming e7.3 from another MAC with absurd limits, random
+/// bytes. None may panic the member, stall it or change a byte of the data; they are
+/// counted as bad, late or foreign.
+#[test]
+fn garbage_frames_from_the_wire_change_nothing() {
+    if !can_run() {
+        return;
+    }
+    let rig = Rig::new(9000);
+    let (address, iface, file) = (
+        rig.address(),
+        rig.pair.initiator_if.clone(),
+        rig.file.clone(),
+    );
+    let stop = AtomicBool::new(false);
+    let pair = &rig.pair;
+    let sent = std::thread::scope(|s| {
+        let injector = s.spawn(|| {
+            pair.in_target(|| inject_garbage(&pair.target_if, &stop))
+                .unwrap()
+        });
+        let _stop = StopOnDrop(&stop);
+        rig.run(120, || async move {
+            let m = open(&address, &iface, Duration::from_secs(20)).await;
+            let m = &m;
+            // Until the injector has been at it for a while.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let jobs = (0..8u64).map(|k| async move {
+                for round in 0..4u64 {
+                    let off = k * 2 * MIB;
+                    let seed = 7000 + k * 10 + round;
+                    let mut d = pattern(seed, off, 2 * MIB as usize);
+                    write(m, off, &mut d).await.unwrap();
+                    let back = read(m, off, 2 * MIB).await.unwrap();
+                    verify_pattern(seed, off, &back).unwrap_or_else(|e| panic!("{e}"));
+                }
+            });
+            futures::future::join_all(jobs).await;
+            flush(m).await.unwrap();
+            for k in 0..8u64 {
+                let off = k * 2 * MIB;
+                verify_pattern(7000 + k * 10 + 3, off, &file_bytes(&file, off, 2 * MIB))
+                    .unwrap_or_else(|e| panic!("vblade's file: {e}"));
+            }
+            let st = m.status();
+            eprintln!("under garbage: {st:?}");
+            assert!(st.bad_frames > 0, "{st:?}");
+            assert!(st.late_replies > 0, "{st:?}");
+            assert!(st.foreign_configs > 0, "{st:?}");
+            assert_eq!(st.window, 16, "a foreign config changed the window: {st:?}");
+            m.close();
+        });
+        drop(_stop);
+        injector.join().unwrap()
+    });
+    assert!(sent > 1000, "the injector sent only {sent} frames");
+}
+
+/// Send garbage AoE frames on `iface` (broadcast) until `stop`; returns how many went.
+fn inject_garbage(iface: &str, stop: &AtomicBool) -> u64 {
+    use socket2::{Domain, Protocol, Socket, Type};
+    use std::os::fd::AsRawFd;
+    let sock = Socket::new(
+        Domain::PACKET,
+        Type::RAW,
+        Some(Protocol::from(i32::from(0x88a2u16.to_be()))),
+    )
+    .unwrap();
+    let name = std::ffi::CString::new(iface).unwrap();
+    // SAFETY: plain C calls with valid arguments (a NUL-terminated name, a zeroed and
+    // filled sockaddr_ll of the right size).
+    unsafe {
+        let mut sll: libc::sockaddr_ll = std::mem::zeroed();
+        sll.sll_family = libc::AF_PACKET as u16;
+        sll.sll_protocol = 0x88a2u16.to_be();
+        sll.sll_ifindex = libc::if_nametoindex(name.as_ptr()) as i32;
+        let r = libc::bind(
+            sock.as_raw_fd(),
+            (&sll as *const libc::sockaddr_ll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        );
+        assert_eq!(r, 0, "bind: {}", std::io::Error::last_os_error());
+    }
+    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    let mut sent = 0u64;
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    while !stop.load(Ordering::Relaxed) && std::time::Instant::now() < deadline {
+        let f = garbage_frame(&mut next);
+        if sock.send(&f).is_ok() {
+            sent += 1;
+        }
+        if sent % 16 == 0 {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+    sent
+}
+
+fn garbage_frame(next: &mut impl FnMut() -> u64) -> Vec<u8> {
+    let r = next();
+    let len = match r % 4 {
+        0 => 14 + (next() % 20) as usize,
+        1 => 24 + (next() % 40) as usize,
+        _ => 14 + (next() % 1200) as usize,
+    };
+    let mut f: Vec<u8> = (0..len.max(32)).map(|_| next() as u8).collect();
+    f[0..6].fill(0xff);
+    f[6..12].copy_from_slice(&[0x02, 0xba, 0xd0, 0, 0, 1]);
+    f[12..14].copy_from_slice(&[0x88, 0xa2]);
+    let kind = (r >> 8) % 6;
+    f[14] = match kind {
+        0 => 0x28, // version 2
+        1 => 0x10, // a request, not a response
+        2 => 0x1c, // response with the error flag
+        _ => 0x18, // response
+    };
+    // e7.3 most of the time, so the frames reach the member's checks.
+    if kind != 5 {
+        f[16..20].copy_from_slice(&[0, 7, 3, if kind == 4 { 1 } else { 0 }]);
+    }
+    if kind == 4 {
+        // A config reply: tag of nobody's query, absurd limits.
+        f[20] = 0x80;
+        f[24..26].copy_from_slice(&[0xff, 0xff]);
+        f[28] = (next() % 2) as u8 * 255;
+    }
+    f.truncate(len);
+    f
 }

@@ -77,6 +77,8 @@ pub struct Stats {
     pub late_replies: AtomicU64,
     /// Frames that failed validation.
     pub bad_frames: AtomicU64,
+    /// Config replies for our shelf.slot from another MAC while ours answers (ignored).
+    pub foreign_configs: AtomicU64,
     pub send_errors: AtomicU64,
     /// Times the target answered a rediscovery after seeming gone.
     pub rediscovered: AtomicU64,
@@ -94,6 +96,7 @@ pub struct AoeStatus {
     pub retransmits: u64,
     pub late_replies: u64,
     pub bad_frames: u64,
+    pub foreign_configs: u64,
     pub send_errors: u64,
     pub rediscovered: u64,
     pub srtt_us: u64,
@@ -131,6 +134,7 @@ impl Handle {
             retransmits: get(&s.retransmits),
             late_replies: get(&s.late_replies),
             bad_frames: get(&s.bad_frames),
+            foreign_configs: get(&s.foreign_configs),
             send_errors: get(&s.send_errors),
             rediscovered: get(&s.rediscovered),
             srtt_us: get(&s.srtt_us),
@@ -551,12 +555,18 @@ impl Engine {
         }
     }
 
-    /// A config reply: take the target's (possibly new) address and limits.
+    /// A config reply: take the target's (possibly new) address and limits. Another MAC
+    /// claiming our shelf.slot is believed only while the target seems gone: a stray or
+    /// misconfigured announcement must not take a working target's traffic away.
     fn on_config(&mut self, r: &frame::Reply, buf: &[u8]) {
         let Some(found) = discover::config_reply(buf, r.tag) else {
             self.stats.bad_frames.fetch_add(1, Ordering::Relaxed);
             return;
         };
+        if found.mac != self.target.mac && self.lost_since.is_none() {
+            self.stats.foreign_configs.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
         let mut t = self.target;
         t.mac = found.mac;
         t.window = usize::from(found.config.buffers).clamp(1, MAX_WINDOW);

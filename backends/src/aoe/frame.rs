@@ -552,4 +552,43 @@ mod tests {
         assert_eq!(sectors_for_mtu(100), 0);
         assert_eq!(sectors_for_mtu(1 << 20), 255);
     }
+
+    /// Every prefix of valid replies, and random bytes behind a valid header: every
+    /// parser returns a value or an error, never panics or reads past the frame.
+    #[test]
+    fn truncated_and_random_frames_never_panic() {
+        let mut ata = reply_frame(CMD_ATA, 5, FLAG_RESPONSE, &[0; 12 + 2 * SECTOR]);
+        ata[HEADER_LEN + 3] = 0x40;
+        let config = reply_frame(
+            CMD_CONFIG,
+            6,
+            FLAG_RESPONSE,
+            &[0, 16, 0x40, 0x19, 17, 0x10, 0, 9],
+        );
+        let parse_all = |f: &[u8]| {
+            let _ = parse_reply(f);
+            let _ = parse_ata(f);
+            let _ = ata_data(f, 2 * SECTOR);
+            let _ = parse_config(f);
+            let _ = parse_identify(f);
+        };
+        for whole in [&ata, &config] {
+            for len in 0..=whole.len() {
+                parse_all(&whole[..len]);
+            }
+        }
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        for _ in 0..2000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let len = (x % 700) as usize;
+            let mut f = ata.clone();
+            f.truncate(len);
+            for (i, b) in f.iter_mut().enumerate().skip(14) {
+                *b = (x >> (i % 56)) as u8;
+            }
+            parse_all(&f);
+        }
+    }
 }
