@@ -566,3 +566,37 @@ fn garbage_frame(next: &mut impl FnMut() -> u64) -> Vec<u8> {
     f.truncate(len);
     f
 }
+
+/// The target's own failure reaches the caller as an error naming the member and the
+/// ATA status: vblade's file shrunk under it, a read past the new end fails on the
+/// target, a read inside still works.
+#[test]
+fn a_failed_ata_command_on_the_target_is_an_io_error() {
+    if !can_run() {
+        return;
+    }
+    let rig = Rig::new(1500);
+    let (address, iface, file) = (
+        rig.address(),
+        rig.pair.initiator_if.clone(),
+        rig.file.clone(),
+    );
+    rig.run(30, || async move {
+        let m = open(&address, &iface, Duration::from_secs(5)).await;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&file)
+            .unwrap()
+            .set_len(MIB)
+            .unwrap();
+        let e = read(&m, 32 * MIB, 4 * KIB).await.unwrap_err();
+        eprintln!("past the shrunk end: {e}");
+        assert!(matches!(e, IoError::Io(_)), "{e}");
+        assert!(
+            e.to_string().contains(&address) && e.to_string().contains("ATA status"),
+            "{e}"
+        );
+        read(&m, 0, 4 * KIB).await.unwrap();
+        m.close();
+    });
+}
