@@ -264,6 +264,16 @@ impl Engine {
                 },
                 _ = &mut sleep => self.on_timer(Instant::now()),
             }
+            // The select is biased towards the socket, which under load is ready again
+            // at once: take new requests and due timers here too, or they would wait for
+            // the window to drain.
+            while let Ok(r) = rx.try_recv() {
+                self.admit(r);
+            }
+            let now = Instant::now();
+            if self.next_wake() <= now {
+                self.on_timer(now);
+            }
             self.fill();
         }
         self.shutdown(&mut rx);
