@@ -48,6 +48,7 @@ impl AoeSocket {
         let _ = sock.set_recv_buffer_size(SOCKET_BUFFER);
         let _ = sock.set_send_buffer_size(SOCKET_BUFFER);
         force_buffers(sock.as_raw_fd());
+        bypass_qdisc(sock.as_raw_fd());
         // SAFETY: the AsyncFd owns the socket, whose descriptor stays open and the same
         // until the AsyncFd drops.
         let fd = unsafe { AsyncFd::register(sock) }.map_err(|e| AoeError::Socket {
@@ -217,5 +218,22 @@ fn force_buffers(fd: RawFd) {
                 size_of::<libc::c_int>() as u32,
             );
         }
+    }
+}
+
+/// Frames go straight to the driver, skipping the interface's queueing discipline: less
+/// work per frame, and AoE has its own flow control (the window). Best effort.
+fn bypass_qdisc(fd: RawFd) {
+    const PACKET_QDISC_BYPASS: libc::c_int = 20; // linux/if_packet.h
+    let on: libc::c_int = 1;
+    // SAFETY: a valid int option value of the right size.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_PACKET,
+            PACKET_QDISC_BYPASS,
+            (&on as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as u32,
+        );
     }
 }
