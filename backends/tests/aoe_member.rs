@@ -528,7 +528,7 @@ fn inject_garbage(iface: &str, stop: &AtomicBool) -> u64 {
         if sock.send(&f).is_ok() {
             sent += 1;
         }
-        if sent % 16 == 0 {
+        if sent.is_multiple_of(16) {
             std::thread::sleep(Duration::from_micros(200));
         }
     }

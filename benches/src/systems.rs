@@ -260,7 +260,7 @@ enum Server {
     UniblkOver(QuietDaemon, Vec<NbdkitServer>),
     Nbdkit(NbdkitServer),
     QemuNbd(QemuNbd),
-    UniblkAoe(AoeServer),
+    UniblkAoe(Box<AoeServer>),
     None,
 }
 
@@ -446,7 +446,7 @@ fn uniblk_aoe(env: &Env) -> Result<(Server, Target)> {
         _link: pair,
         _file: dir,
     };
-    Ok((Server::UniblkAoe(server), Target::Nbd { uri }))
+    Ok((Server::UniblkAoe(Box::new(server)), Target::Nbd { uri }))
 }
 
 fn is_root() -> bool {
