@@ -509,3 +509,63 @@ fn link_down_mid_run_faults_the_member_and_it_returns_after_link_up() {
     );
     let _ = &net.files;
 }
+
+// ---- Refused at start ------------------------------------------------------------------
+
+/// Runs ublkd (under `prefix`) over a raid1 of a local file and `aoe`, expecting it to
+/// exit non-zero soon; returns the last line of its stderr, which must name the member.
+fn refused_at_start(net: &Net, prefix: &[&str], aoe: &str) -> String {
+    let tmp = Tmp::new().unwrap();
+    let config = tmp.join("layout.toml");
+    let layout = format!(
+        "[[array]]\nname = \"r1\"\nlevel = \"raid1\"\nmembers = [{:?}, {aoe:?}]\n\
+         export.nbd = {{ listen = [\"unix:{}/r1.sock\"] }}\n",
+        net.local(),
+        tmp.path().display()
+    );
+    std::fs::write(&config, layout).unwrap();
+    let mut argv: Vec<String> = net.pair.exec_prefix();
+    argv.extend(prefix.iter().map(|s| s.to_string()));
+    let mut cmd = std::process::Command::new(&argv[0]);
+    cmd.args(&argv[1..])
+        .arg(bin())
+        .arg("--config")
+        .arg(&config)
+        .arg("--mgmt-socket")
+        .arg(tmp.join("mgmt.sock"));
+    let t = Instant::now();
+    let out = fixtures::run_bounded(&mut cmd, Duration::from_secs(60)).unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "ublkd started with {aoe}:\n{stderr}");
+    assert!(
+        t.elapsed() < Duration::from_secs(20),
+        "took {:?}",
+        t.elapsed()
+    );
+    let last = stderr.lines().last().unwrap_or("").to_string();
+    assert!(last.contains(aoe), "the error must name {aoe}:\n{stderr}");
+    eprintln!("refused: {last}");
+    last
+}
+
+/// No target at that shelf.slot, and a daemon without CAP_NET_RAW: ublkd refuses to
+/// start, and says which member, why, and what to do.
+#[test]
+fn missing_target_and_missing_cap_net_raw_are_refused_at_start() {
+    if !can_run(&["setpriv"]) {
+        return;
+    }
+    let net = Net::new(1500);
+    let absent = format!("aoe:{}/7.9", net.pair.initiator_if);
+    let err = refused_at_start(&net, &[], &absent);
+    assert!(
+        err.contains("e7.9") && err.contains("did not answer") && err.contains("vblade"),
+        "{err}"
+    );
+    // setpriv drops CAP_NET_RAW from the bounding set, so ublkd runs without it.
+    let err = refused_at_start(&net, &["setpriv", "--bounding-set=-net_raw"], &net.aoe());
+    assert!(
+        err.contains("CAP_NET_RAW") && err.contains("setcap"),
+        "{err}"
+    );
+}
