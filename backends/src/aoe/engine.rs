@@ -446,12 +446,14 @@ impl Engine {
     }
 
     fn on_frame(&mut self, buf: &[u8]) {
-        let Ok(r) = frame::parse_reply(buf) else {
+        let r = match frame::parse_reply(buf) {
+            Ok(r) => r,
             // Requests of other initiators arrive too; only count what claims to answer.
-            if frame::parse_reply(buf) != Err(frame::BadFrame::NotResponse) {
+            Err(frame::BadFrame::NotResponse) => return,
+            Err(_) => {
                 self.stats.bad_frames.fetch_add(1, Ordering::Relaxed);
+                return;
             }
-            return;
         };
         if (r.shelf, r.slot) != (self.target.shelf, self.target.slot) {
             return; // another target on the same interface
@@ -476,7 +478,7 @@ impl Engine {
             return;
         }
         let result = self.accept(&f, &r, buf);
-        if result.is_err() && matches!(result, Err(None)) {
+        if matches!(result, Err(None)) {
             // Malformed: leave the frame in flight, the re-send may come back whole.
             self.stats.bad_frames.fetch_add(1, Ordering::Relaxed);
             return;
