@@ -210,6 +210,11 @@ fn data_round_trip(mtu: u32, sectors_per_frame: u8) {
             verify_pattern(1000 + k, off, &read(m, off, 64 * KIB).await.unwrap()).unwrap();
         });
         futures::future::join_all(jobs).await;
+        let st = m.status();
+        assert_eq!(
+            st.max_in_flight, 16,
+            "32 callers must fill the window, and never pass vblade's buffer count: {st:?}"
+        );
         for k in 0..32u64 {
             let off = 30 * MIB + k * 64 * KIB;
             verify_pattern(1000 + k, off, &file_bytes(&file, off, 64 * KIB)).unwrap();

@@ -84,6 +84,8 @@ pub struct Stats {
     pub rediscovered: AtomicU64,
     pub srtt_us: AtomicU64,
     pub rto_us: AtomicU64,
+    /// The most frames ever in flight at once (the window's high-water mark).
+    pub max_in_flight: AtomicU64,
 }
 
 /// A snapshot of [`Stats`] and the target, for `uniblk status` and tests.
@@ -101,6 +103,7 @@ pub struct AoeStatus {
     pub rediscovered: u64,
     pub srtt_us: u64,
     pub rto_us: u64,
+    pub max_in_flight: u64,
 }
 
 /// What the member keeps of its engine.
@@ -139,6 +142,7 @@ impl Handle {
             rediscovered: get(&s.rediscovered),
             srtt_us: get(&s.srtt_us),
             rto_us: get(&s.rto_us),
+            max_in_flight: get(&s.max_in_flight),
         }
     }
 }
@@ -354,6 +358,9 @@ impl Engine {
             }
             self.slots[usize::from(slot)] = Some(f);
             self.used = self.used.max(usize::from(slot) + 1);
+            self.stats
+                .max_in_flight
+                .fetch_max(self.in_flight() as u64, Ordering::Relaxed);
             self.transmit(usize::from(slot));
         }
     }
