@@ -257,7 +257,10 @@ async fn recv_until(
 }
 
 /// The flush command the target accepts: FLUSH CACHE EXT, else FLUSH CACHE (vblade
-/// aborts the EXT form but answers the other), else None (no flush).
+/// aborts the EXT form but answers the other), else None (no flush). What a flush is
+/// worth is the target's business: vblade answers FLUSH CACHE without syncing anything
+/// (its writes are pwrite(2)s into the target host's page cache; `vblade -s` opens the
+/// file O_SYNC, `-d` O_DIRECT).
 pub async fn flush_command(
     sock: &AoeSocket,
     target: &Found,
