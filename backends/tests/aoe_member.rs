@@ -222,7 +222,9 @@ fn data_round_trip(mtu: u32, sectors_per_frame: u8) {
         // Out of range is refused before anything is sent.
         let e = read(m, SIZE - 512, 1024).await.unwrap_err();
         assert!(matches!(e, IoError::OutOfRange { .. }), "{e}");
-        assert_eq!(m.status().late_replies, 0);
+        // Only a re-send can draw a second reply: without re-sends, nothing is late.
+        let st = m.status();
+        assert!(st.late_replies <= st.retransmits, "{st:?}");
         m.close();
     });
 }
