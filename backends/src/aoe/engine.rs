@@ -38,6 +38,8 @@ const REDISCOVER_EVERY: Duration = Duration::from_millis(500);
 const LOST_AFTER_RETRIES: u32 = 3;
 /// Frames drained per readiness before the window is refilled.
 const REFILL_EVERY: usize = 32;
+/// Frames taken per wake-up at most, before the task yields.
+const DRAIN_LIMIT: usize = 1024;
 
 /// The target as the engine addresses it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -245,13 +247,17 @@ impl Engine {
         let mut buf = vec![0u8; 65536];
         let sleep = tokio::time::sleep(Duration::from_secs(3600));
         tokio::pin!(sleep);
+        // The last drain stopped at its limit: the socket's readiness was used up, so
+        // drain again after yielding instead of waiting for it.
+        let mut more = false;
         loop {
             sleep.as_mut().reset(self.next_wake());
             tokio::select! {
                 biased;
                 _ = close.notified() => break,
+                _ = tokio::task::yield_now(), if more => more = self.drain(&mut buf),
                 r = sock.readable() => match r {
-                    Ok(()) => self.drain(&mut buf),
+                    Ok(()) => more = self.drain(&mut buf),
                     Err(e) => {
                         tracing::error!(member = %self.name, error = %e, "AoE socket failed");
                         break;
@@ -433,23 +439,23 @@ impl Engine {
     }
 
     /// Receive until the socket is empty, refilling the window as replies free it.
-    fn drain(&mut self, buf: &mut [u8]) {
-        let mut n_frames = 0usize;
-        loop {
+    /// Returns true when it stopped at [`DRAIN_LIMIT`] frames with more perhaps waiting:
+    /// a flood from the wire must not keep the task from yielding.
+    fn drain(&mut self, buf: &mut [u8]) -> bool {
+        for n in 1..=DRAIN_LIMIT {
             match self.sock.try_recv(buf) {
-                Ok(Some(0)) => continue,
-                Ok(Some(n)) => self.on_frame(&buf[..n]),
-                Ok(None) => return,
+                Ok(Some(len)) => self.on_frame(&buf[..len]),
+                Ok(None) => return false,
                 Err(e) => {
                     tracing::warn!(member = %self.name, error = %e, "AoE receive failed");
-                    return;
+                    return false;
                 }
             }
-            n_frames += 1;
-            if n_frames.is_multiple_of(REFILL_EVERY) {
+            if n.is_multiple_of(REFILL_EVERY) {
                 self.fill();
             }
         }
+        true
     }
 
     fn on_frame(&mut self, buf: &[u8]) {

@@ -67,25 +67,27 @@ impl AoeSocket {
 
     /// Receive one frame into `buf`; `Ok(None)` when none is waiting.
     pub fn try_recv(&self, buf: &mut [u8]) -> io::Result<Option<usize>> {
-        // SAFETY: buf is a valid writable slice of buf.len() bytes.
-        let n = unsafe {
-            libc::recv(
-                self.fd.as_raw_fd(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-                libc::MSG_DONTWAIT | libc::MSG_TRUNC,
-            )
-        };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            return match e.kind() {
-                io::ErrorKind::WouldBlock => Ok(None),
-                io::ErrorKind::Interrupted => Ok(Some(0)),
-                _ => Err(e),
+        loop {
+            // SAFETY: buf is a valid writable slice of buf.len() bytes.
+            let n = unsafe {
+                libc::recv(
+                    self.fd.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_DONTWAIT | libc::MSG_TRUNC,
+                )
             };
+            if n >= 0 {
+                // MSG_TRUNC reports the real length; a frame bigger than buf is cut.
+                return Ok(Some((n as usize).min(buf.len())));
+            }
+            let e = io::Error::last_os_error();
+            match e.kind() {
+                io::ErrorKind::WouldBlock => return Ok(None),
+                io::ErrorKind::Interrupted => continue,
+                _ => return Err(e),
+            }
         }
-        // MSG_TRUNC reports the real length; a frame bigger than buf is cut to buf.
-        Ok(Some((n as usize).min(buf.len())))
     }
 
     /// Wait until a frame may be waiting; clears readiness so the next wait blocks.
