@@ -1,5 +1,6 @@
 //! Member protocols.
 pub mod addr;
+pub mod iscsi;
 pub mod local;
 pub mod mem;
 pub mod nbd;

@@ -1,0 +1,778 @@
+//! One logged-in iSCSI connection in the full-feature phase: many SCSI commands in
+//! flight, each with its own Initiator Task Tag, sent in CmdSN order within the window
+//! the target grants (ExpCmdSN..MaxCmdSN), answered by Data-In / SCSI Response PDUs that
+//! a single reader task routes by tag, with R2T-driven Data-Out for writes.
+//!
+//! Buffers: a READ's Data-In goes from the socket straight into the caller's [`IoBuf`]
+//! (through a small read-ahead buffer for headers). The reader may write into a
+//! command's buffer for as long as the command is in the task table. A caller leaves
+//! [`Session::execute`] only once the reader completed its command (and so is done with
+//! the buffer) or the reader task has ended: a caller that gives up (deadline) first
+//! shuts the socket down and waits for the reader to end. That is why a timed-out
+//! command costs the connection (with ErrorRecoveryLevel 0 it would anyway).
+
+use std::collections::HashMap;
+use std::io::IoSlice;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+
+use raidcore::IoBuf;
+use tokio::io::{AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+
+use super::login::{LoggedIn, Negotiated, Peer, OUR_MAX_RECV};
+use super::pdu::{self, Bhs, Digests, ReadError, RESERVED_TAG};
+use super::scsi::{Cdb, Sense};
+
+/// Read-ahead for PDU headers and small segments; larger Data-In segments bypass it.
+const READ_AHEAD: usize = 64 << 10;
+/// SCSI Response data (sense) beyond this is a protocol violation.
+const MAX_RESPONSE_DATA: u32 = OUR_MAX_RECV;
+
+/// One SCSI command to run.
+#[derive(Debug, Clone, Copy)]
+pub struct Command {
+    pub cdb: Cdb,
+    /// Data the target sends us (READ, INQUIRY...): its length is the expected transfer.
+    pub data_in: Option<IoBuf>,
+    /// Data we send (WRITE, UNMAP parameter list...).
+    pub data_out: Option<IoBuf>,
+}
+
+impl Command {
+    pub fn none(cdb: Cdb) -> Self {
+        Command {
+            cdb,
+            data_in: None,
+            data_out: None,
+        }
+    }
+
+    fn expected_len(&self) -> u32 {
+        let n = self.data_in.map_or(0, |b| b.len()) + self.data_out.map_or(0, |b| b.len());
+        n as u32
+    }
+}
+
+/// How a command ended, as the target reported it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Completion {
+    pub status: u8,
+    pub sense: Option<Sense>,
+    /// Bytes the target did not transfer (underflow) or could not (overflow, negative).
+    pub residual: i64,
+}
+
+/// What [`Session::execute`] gives back.
+#[derive(Debug)]
+pub enum Outcome {
+    Done(Completion),
+    /// The connection died before the command completed: it may be sent again on a new
+    /// session (the text says why the connection died).
+    Lost(String),
+    /// The deadline passed; the connection was shut down to get the buffer back.
+    TimedOut,
+    /// The target rejected the PDU or sent something that makes no sense for it.
+    Failed(String),
+}
+
+enum Event {
+    /// Send `len` bytes from `offset` of the command's data, under transfer tag `ttt`.
+    R2t { ttt: u32, offset: u32, len: u32 },
+    Done(Completion),
+    Rejected(String),
+}
+
+struct Pending {
+    data_in: Option<IoBuf>,
+    /// Data-In bytes received so far (in order: DataPDUInOrder=Yes).
+    received: u64,
+    events: mpsc::UnboundedSender<Event>,
+}
+
+/// Sequence numbers the reader learns from the target.
+struct Window {
+    exp_cmd_sn: u32,
+    max_cmd_sn: u32,
+}
+
+struct Writer {
+    w: OwnedWriteHalf,
+    /// The CmdSN the next non-immediate command takes.
+    cmd_sn: u32,
+}
+
+/// A logged-in connection.
+pub struct Session {
+    peer: Peer,
+    lun: u16,
+    pub neg: Negotiated,
+    pub alias: Option<String>,
+    writer: tokio::sync::Mutex<Writer>,
+    /// A duplicate of the socket, only to shut it down from anywhere.
+    killer: socket2::Socket,
+    table: Mutex<HashMap<u32, Pending>>,
+    window: watch::Sender<Window>,
+    exp_stat_sn: AtomicU32,
+    next_itt: AtomicU32,
+    /// Why the connection ended (None while it is up).
+    dead: watch::Sender<Option<String>>,
+    /// Set once the reader task has ended and dropped every command.
+    reader_done: watch::Sender<bool>,
+    commands: AtomicU64,
+    me: Weak<Session>,
+}
+
+impl Session {
+    /// Take over a logged-in connection and start its reader task.
+    pub fn start(l: LoggedIn, peer: Peer, lun: u16) -> std::io::Result<Arc<Session>> {
+        let killer = socket2::SockRef::from(&l.stream).try_clone()?;
+        let (r, w) = l.stream.into_split();
+        let s = Arc::new_cyclic(|me| Session {
+            me: me.clone(),
+            peer,
+            lun,
+            neg: l.neg,
+            alias: l.alias,
+            writer: tokio::sync::Mutex::new(Writer {
+                w,
+                cmd_sn: l.neg.cmd_sn,
+            }),
+            killer,
+            table: Mutex::new(HashMap::new()),
+            window: watch::channel(Window {
+                exp_cmd_sn: l.neg.cmd_sn,
+                max_cmd_sn: l.neg.max_cmd_sn,
+            })
+            .0,
+            exp_stat_sn: AtomicU32::new(l.neg.exp_stat_sn),
+            next_itt: AtomicU32::new(1),
+            dead: watch::channel(None).0,
+            reader_done: watch::channel(false).0,
+            commands: AtomicU64::new(0),
+        });
+        tokio::spawn(s.clone().reader(BufReader::with_capacity(READ_AHEAD, r)));
+        Ok(s)
+    }
+
+    pub fn is_dead(&self) -> bool {
+        self.dead.borrow().is_some()
+    }
+
+    /// Why the connection ended, once it has.
+    pub fn death(&self) -> Option<String> {
+        self.dead.borrow().clone()
+    }
+
+    /// Commands in flight now.
+    pub fn in_flight(&self) -> usize {
+        self.lock_table().len()
+    }
+
+    /// Commands sent since login.
+    pub fn commands(&self) -> u64 {
+        self.commands.load(Ordering::Relaxed)
+    }
+
+    /// Wait until the reader has ended (the connection is gone and no buffer is in use).
+    pub async fn closed(&self) {
+        let mut rx = self.reader_done.subscribe();
+        let _ = rx.wait_for(|d| *d).await;
+    }
+
+    /// End the connection: shut the socket down so the reader ends and every waiter
+    /// learns it. The first reason given is the one kept.
+    pub fn kill(&self, why: &str) {
+        self.dead.send_if_modified(|d| {
+            if d.is_none() {
+                *d = Some(why.to_string());
+                true
+            } else {
+                false
+            }
+        });
+        let _ = self.killer.shutdown(std::net::Shutdown::Both);
+    }
+
+    fn lock_table(&self) -> MutexGuard<'_, HashMap<u32, Pending>> {
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn new_itt(&self) -> u32 {
+        loop {
+            let t = self.next_itt.fetch_add(1, Ordering::Relaxed);
+            if t != RESERVED_TAG && !self.lock_table().contains_key(&t) {
+                return t;
+            }
+        }
+    }
+
+    /// Run one command until the target completes it, the connection dies or the
+    /// deadline passes. Never returns while the reader may still touch `cmd`'s buffers.
+    pub async fn execute(&self, cmd: &Command, deadline: Instant) -> Outcome {
+        let r = self.execute_inner(cmd, deadline).await;
+        if !matches!(r, Outcome::Done(_)) {
+            // Whatever went wrong, the reader must be finished with our buffer first.
+            if matches!(r, Outcome::TimedOut) {
+                self.kill(&format!(
+                    "{} got no answer in time",
+                    super::scsi::command_name(&cmd.cdb)
+                ));
+            } else {
+                self.kill("a command failed on this connection");
+            }
+            self.closed().await;
+        }
+        r
+    }
+
+    async fn execute_inner(&self, cmd: &Command, deadline: Instant) -> Outcome {
+        let itt = self.new_itt();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let sent = tokio::time::timeout_at(deadline, self.send_command(cmd, itt, tx)).await;
+        match sent {
+            Err(_) => return Outcome::TimedOut,
+            Ok(Err(why)) => return Outcome::Lost(why),
+            Ok(Ok(())) => {}
+        }
+        loop {
+            let ev = match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Err(_) => return Outcome::TimedOut,
+                Ok(None) => return Outcome::Lost(self.death().unwrap_or_default()),
+                Ok(Some(ev)) => ev,
+            };
+            match ev {
+                Event::Done(c) => return Outcome::Done(c),
+                Event::Rejected(why) => return Outcome::Failed(why),
+                Event::R2t { ttt, offset, len } => {
+                    let Some(out) = cmd.data_out else {
+                        return Outcome::Failed("an R2T for a command with no data to send".into());
+                    };
+                    let send = self.send_data_out(itt, ttt, out, offset, len);
+                    match tokio::time::timeout_at(deadline, send).await {
+                        Err(_) => return Outcome::TimedOut,
+                        Ok(Err(why)) => return Outcome::Lost(why),
+                        Ok(Ok(())) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Wait for room in the command window, register the command and send it (with
+    /// immediate and unsolicited data as negotiated), all in CmdSN order.
+    async fn send_command(
+        &self,
+        cmd: &Command,
+        itt: u32,
+        events: mpsc::UnboundedSender<Event>,
+    ) -> Result<(), String> {
+        let mut w = self.writer_in_window().await?;
+        let mut b = Bhs::new(pdu::OP_SCSI_CMD);
+        let mut flags = pdu::ATTR_SIMPLE;
+        if cmd.data_in.is_some() {
+            flags |= pdu::F_READ;
+        }
+        if cmd.data_out.is_some() {
+            flags |= pdu::F_WRITE;
+        }
+        b.set_lun(self.lun);
+        b.set_itt(itt);
+        b.set_u32(20, cmd.expected_len());
+        b.set_u32(24, w.cmd_sn);
+        b.set_u32(28, self.exp_stat_sn.load(Ordering::Acquire));
+        b.0[32..48].copy_from_slice(&cmd.cdb);
+        let (immediate, unsolicited) = self.unsolicited(cmd);
+        if unsolicited == immediate {
+            flags |= pdu::F_FINAL;
+        }
+        b.set_flags(flags);
+        self.lock_table().insert(
+            itt,
+            Pending {
+                data_in: cmd.data_in,
+                received: 0,
+                events,
+            },
+        );
+        w.cmd_sn = w.cmd_sn.wrapping_add(1);
+        self.commands.fetch_add(1, Ordering::Relaxed);
+        let out = cmd.data_out.unwrap_or(IoBuf::empty());
+        // SAFETY: the issuer keeps the buffer alive until execute returns (IoBuf rules).
+        let data = unsafe { out.as_slice() };
+        let d = self.neg.digests;
+        self.write_pdu(&mut w.w, &mut b, &data[..immediate as usize], d)
+            .await?;
+        if unsolicited > immediate {
+            // InitialR2T=No: the rest of the first burst goes out without waiting.
+            self.write_data_out(&mut w.w, itt, RESERVED_TAG, data, immediate, unsolicited - immediate)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// (bytes sent as immediate data, bytes sent without an R2T in all).
+    fn unsolicited(&self, cmd: &Command) -> (u32, u32) {
+        let Some(out) = cmd.data_out else {
+            return (0, 0);
+        };
+        let len = out.len() as u32;
+        let n = &self.neg;
+        let burst = len.min(n.first_burst);
+        let immediate = if n.immediate_data {
+            burst.min(n.max_send_segment)
+        } else {
+            0
+        };
+        let unsolicited = if n.initial_r2t { immediate } else { burst };
+        (immediate, unsolicited)
+    }
+
+    /// The writer, once CmdSN lies inside the target's window.
+    async fn writer_in_window(&self) -> Result<tokio::sync::MutexGuard<'_, Writer>, String> {
+        let mut win = self.window.subscribe();
+        let mut dead = self.dead.subscribe();
+        loop {
+            if let Some(why) = self.death() {
+                return Err(why);
+            }
+            let w = self.writer.lock().await;
+            let open = pdu::sn_le(w.cmd_sn, win.borrow_and_update().max_cmd_sn);
+            if open {
+                return Ok(w);
+            }
+            drop(w);
+            tokio::select! {
+                _ = win.changed() => {}
+                _ = dead.changed() => {}
+            }
+        }
+    }
+
+    async fn send_data_out(
+        &self,
+        itt: u32,
+        ttt: u32,
+        out: IoBuf,
+        offset: u32,
+        len: u32,
+    ) -> Result<(), String> {
+        if u64::from(offset) + u64::from(len) > out.len() as u64 {
+            self.kill("R2T beyond the command's data");
+            return Err(format!(
+                "the target asked for {len} bytes at offset {offset} of a {}-byte write",
+                out.len()
+            ));
+        }
+        let mut w = self.writer.lock().await;
+        // SAFETY: as in send_command.
+        let data = unsafe { out.as_slice() };
+        self.write_data_out(&mut w.w, itt, ttt, data, offset, len).await
+    }
+
+    /// Data-Out PDUs of at most the target's segment size for `[offset, offset+len)`.
+    async fn write_data_out(
+        &self,
+        w: &mut OwnedWriteHalf,
+        itt: u32,
+        ttt: u32,
+        data: &[u8],
+        offset: u32,
+        len: u32,
+    ) -> Result<(), String> {
+        let seg = self.neg.max_send_segment;
+        let mut done = 0u32;
+        let mut data_sn = 0u32;
+        while done < len {
+            let n = seg.min(len - done);
+            let at = offset + done;
+            let mut b = Bhs::new(pdu::OP_DATA_OUT);
+            b.set_flags(if done + n == len { pdu::F_FINAL } else { 0 });
+            b.set_lun(self.lun);
+            b.set_itt(itt);
+            b.set_u32(20, ttt);
+            b.set_u32(28, self.exp_stat_sn.load(Ordering::Acquire));
+            b.set_u32(36, data_sn);
+            b.set_u32(40, at);
+            let part = &data[at as usize..(at + n) as usize];
+            self.write_pdu(w, &mut b, part, self.neg.digests).await?;
+            done += n;
+            data_sn += 1;
+        }
+        Ok(())
+    }
+
+    async fn write_pdu(
+        &self,
+        w: &mut OwnedWriteHalf,
+        b: &mut Bhs,
+        data: &[u8],
+        d: Digests,
+    ) -> Result<(), String> {
+        b.set_data_len(data.len() as u32);
+        let (h, hn) = pdu::header_bytes(b, d);
+        let (t, tn) = pdu::trailer(data, d);
+        write_all_vectored(w, &[&h[..hn], data, &t[..tn]])
+            .await
+            .map_err(|e| {
+                let why = format!("cannot send to the target: {e}");
+                self.kill(&why);
+                why
+            })
+    }
+
+    /// NOP-Out ping; Ok once the target's NOP-In answers it.
+    pub async fn ping(&self, deadline: Instant) -> Result<(), String> {
+        let itt = self.new_itt();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        self.lock_table().insert(
+            itt,
+            Pending {
+                data_in: None,
+                received: 0,
+                events: tx,
+            },
+        );
+        let mut b = Bhs::new(pdu::OP_NOP_OUT);
+        b.set_immediate();
+        b.set_flags(pdu::F_FINAL);
+        b.set_itt(itt);
+        b.set_u32(20, RESERVED_TAG);
+        let sent = tokio::time::timeout_at(deadline, self.send_immediate(b)).await;
+        let r = match sent {
+            Err(_) => Err("the NOP-Out could not be sent in time".to_string()),
+            Ok(Err(e)) => Err(e),
+            Ok(Ok(())) => match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Err(_) => Err("no NOP-In answered our NOP-Out in time".to_string()),
+                Ok(None) => Err(self.death().unwrap_or_default()),
+                Ok(Some(_)) => Ok(()),
+            },
+        };
+        self.lock_table().remove(&itt);
+        r
+    }
+
+    /// Send an immediate PDU (NOP-Out, Logout): it carries the current CmdSN without
+    /// taking it.
+    async fn send_immediate(&self, mut b: Bhs) -> Result<(), String> {
+        let mut w = self.writer.lock().await;
+        b.set_u32(24, w.cmd_sn);
+        b.set_u32(28, self.exp_stat_sn.load(Ordering::Acquire));
+        self.write_pdu(&mut w.w, &mut b, &[], self.neg.digests)
+            .await
+    }
+
+    /// Log out (close the session) and end the connection, waiting at most until
+    /// `deadline` for the target's answer.
+    pub async fn logout(&self, deadline: Instant) {
+        if self.is_dead() {
+            return;
+        }
+        let itt = self.new_itt();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        self.lock_table().insert(
+            itt,
+            Pending {
+                data_in: None,
+                received: 0,
+                events: tx,
+            },
+        );
+        let mut b = Bhs::new(pdu::OP_LOGOUT_REQ);
+        b.set_immediate();
+        b.set_flags(pdu::F_FINAL); // reason 0: close the session
+        b.set_itt(itt);
+        if self.send_immediate(b).await.is_ok() {
+            let _ = tokio::time::timeout_at(deadline, rx.recv()).await;
+        }
+        self.kill("logged out");
+        self.closed().await;
+    }
+
+    // ---- the reader ---------------------------------------------------------------
+
+    async fn reader(self: Arc<Self>, mut r: BufReader<OwnedReadHalf>) {
+        let why = loop {
+            match self.read_one(&mut r).await {
+                Ok(()) => {}
+                Err(e) => break e.to_string(),
+            }
+        };
+        self.kill(&why);
+        // Dropping the entries closes every waiter's channel: they see Lost.
+        let orphans: Vec<Pending> = self.lock_table().drain().map(|(_, p)| p).collect();
+        drop(orphans);
+        self.reader_done.send_replace(true);
+        tracing::debug!(target_iqn = %self.peer.target, portal = %self.peer.portal, reason = %why, "iSCSI connection reader ended");
+    }
+
+    async fn read_one(&self, r: &mut BufReader<OwnedReadHalf>) -> Result<(), ReadError> {
+        let d = self.neg.digests;
+        let h = pdu::read_bhs(r, d).await?;
+        self.note_window(&h);
+        match h.opcode() {
+            pdu::OP_DATA_IN => self.on_data_in(r, &h).await,
+            pdu::OP_SCSI_RSP => {
+                self.note_stat_sn(&h);
+                let data = pdu::read_data(r, h.data_len(), MAX_RESPONSE_DATA, d).await?;
+                self.on_response(&h, &data);
+                Ok(())
+            }
+            pdu::OP_R2T => {
+                pdu::skip_data(r, h.data_len(), d).await?;
+                self.on_r2t(&h);
+                Ok(())
+            }
+            pdu::OP_NOP_IN => {
+                pdu::skip_data(r, h.data_len(), d).await?;
+                self.on_nop_in(&h);
+                Ok(())
+            }
+            pdu::OP_LOGOUT_RSP | pdu::OP_TMF_RSP | pdu::OP_TEXT_RSP => {
+                self.note_stat_sn(&h);
+                pdu::skip_data(r, h.data_len(), d).await?;
+                self.complete(h.itt(), 0, None, 0);
+                Ok(())
+            }
+            pdu::OP_REJECT => {
+                self.note_stat_sn(&h);
+                let data = pdu::read_data(r, h.data_len(), MAX_RESPONSE_DATA, d).await?;
+                self.on_reject(&h, &data);
+                Ok(())
+            }
+            pdu::OP_ASYNC => {
+                self.note_stat_sn(&h);
+                pdu::skip_data(r, h.data_len(), d).await?;
+                self.on_async(&h)
+            }
+            op => Err(ReadError::Protocol(format!(
+                "unexpected {} (opcode {op:#04x}) in the full-feature phase",
+                pdu::opcode_name(op)
+            ))),
+        }
+    }
+
+    /// ExpCmdSN/MaxCmdSN, taken when newer and sane (RFC 7143 §4.2.2.1).
+    fn note_window(&self, h: &Bhs) {
+        let (exp, max) = (h.exp_cmd_sn(), h.max_cmd_sn());
+        if pdu::sn_lt(max, exp.wrapping_sub(1)) {
+            return;
+        }
+        self.window.send_if_modified(|w| {
+            let mut changed = false;
+            if pdu::sn_lt(w.exp_cmd_sn, exp) {
+                w.exp_cmd_sn = exp;
+                changed = true;
+            }
+            if pdu::sn_lt(w.max_cmd_sn, max) {
+                w.max_cmd_sn = max;
+                changed = true;
+            }
+            changed
+        });
+    }
+
+    fn note_stat_sn(&self, h: &Bhs) {
+        let next = h.stat_sn().wrapping_add(1);
+        let _ = self
+            .exp_stat_sn
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| {
+                pdu::sn_lt(cur, next).then_some(next)
+            });
+    }
+
+    async fn on_data_in(
+        &self,
+        r: &mut BufReader<OwnedReadHalf>,
+        h: &Bhs,
+    ) -> Result<(), ReadError> {
+        let d = self.neg.digests;
+        let (len, offset, itt) = (h.data_len(), h.u32_at(40), h.itt());
+        if len > OUR_MAX_RECV {
+            return Err(ReadError::Protocol(format!(
+                "a {len}-byte Data-In exceeds our MaxRecvDataSegmentLength {OUR_MAX_RECV}"
+            )));
+        }
+        let buf = self.lock_table().get(&itt).map(|p| p.data_in);
+        match buf {
+            None => pdu::skip_data(r, len, d).await?,
+            Some(None) => {
+                return Err(ReadError::Protocol(format!(
+                    "Data-In for task {itt:#x}, which expects no data"
+                )))
+            }
+            Some(Some(buf)) => {
+                let end = u64::from(offset) + u64::from(len);
+                if end > buf.len() as u64 {
+                    return Err(ReadError::Protocol(format!(
+                        "Data-In of {len} bytes at offset {offset} overruns the {}-byte buffer of task {itt:#x}",
+                        buf.len()
+                    )));
+                }
+                // SAFETY: the command is registered, so its issuer is still waiting in
+                // execute and keeps the buffer alive (see the module docs).
+                let into = unsafe { &mut buf.as_mut_slice()[offset as usize..end as usize] };
+                pdu::read_data_into(r, into, d).await?;
+                if let Some(p) = self.lock_table().get_mut(&itt) {
+                    p.received = p.received.max(end);
+                }
+            }
+        }
+        if h.flags() & pdu::F_STATUS != 0 {
+            self.note_stat_sn(h);
+            let residual = residual(h);
+            self.complete(itt, h.byte(3), None, residual);
+        }
+        Ok(())
+    }
+
+    fn on_response(&self, h: &Bhs, data: &[u8]) {
+        // Byte 2 is the iSCSI response: non-zero means the target failed the command
+        // before SCSI status applied.
+        if h.byte(2) != 0 {
+            self.reject(h.itt(), format!("iSCSI response {:#04x} (target failure)", h.byte(2)));
+            return;
+        }
+        let sense = if data.len() >= 2 {
+            let n = usize::from(u16::from_be_bytes([data[0], data[1]]));
+            Sense::parse(&data[2..(2 + n).min(data.len())])
+        } else {
+            None
+        };
+        self.complete(h.itt(), h.byte(3), sense, residual(h));
+    }
+
+    fn on_r2t(&self, h: &Bhs) {
+        let ev = Event::R2t {
+            ttt: h.ttt(),
+            offset: h.u32_at(40),
+            len: h.u32_at(44),
+        };
+        if let Some(p) = self.lock_table().get(&h.itt()) {
+            let _ = p.events.send(ev);
+        }
+    }
+
+    fn on_nop_in(&self, h: &Bhs) {
+        if h.itt() != RESERVED_TAG {
+            self.note_stat_sn(h);
+            self.complete(h.itt(), 0, None, 0);
+        }
+        if h.ttt() != RESERVED_TAG {
+            // The target pings us: answer with its transfer tag, as an immediate
+            // NOP-Out, from a task so the reader never waits for the writer.
+            let mut b = Bhs::new(pdu::OP_NOP_OUT);
+            b.set_immediate();
+            b.set_flags(pdu::F_FINAL);
+            b.set_itt(RESERVED_TAG);
+            b.set_u32(20, h.ttt());
+            b.0[8..16].copy_from_slice(&h.0[8..16]);
+            if let Some(me) = self.self_arc() {
+                tokio::spawn(async move {
+                    let _ = me.send_immediate(b).await;
+                });
+            }
+        }
+    }
+
+    fn on_reject(&self, h: &Bhs, data: &[u8]) {
+        let reason = h.byte(2);
+        if data.len() >= pdu::BHS_LEN {
+            let mut rejected = Bhs([0; pdu::BHS_LEN]);
+            rejected.0.copy_from_slice(&data[..pdu::BHS_LEN]);
+            self.reject(
+                rejected.itt(),
+                format!(
+                    "the target rejected our {} (reason {reason:#04x})",
+                    pdu::opcode_name(rejected.opcode())
+                ),
+            );
+        }
+    }
+
+    /// Asynchronous messages: the ones that end the connection end it now (we reconnect
+    /// at once instead of waiting for the target to drop us).
+    fn on_async(&self, h: &Bhs) -> Result<(), ReadError> {
+        match h.byte(36) {
+            1 => Err(ReadError::Protocol(
+                "the target asked us to log out".into(),
+            )),
+            2 | 3 => Err(ReadError::Protocol(
+                "the target is dropping the connection".into(),
+            )),
+            ev => {
+                tracing::debug!(target_iqn = %self.peer.target, event = ev, "iSCSI asynchronous message");
+                Ok(())
+            }
+        }
+    }
+
+    fn complete(&self, itt: u32, status: u8, sense: Option<Sense>, residual: i64) {
+        if let Some(p) = self.lock_table().remove(&itt) {
+            let _ = p.events.send(Event::Done(Completion {
+                status,
+                sense,
+                residual,
+            }));
+        }
+    }
+
+    fn reject(&self, itt: u32, why: String) {
+        if let Some(p) = self.lock_table().remove(&itt) {
+            let _ = p.events.send(Event::Rejected(why));
+        }
+    }
+
+    /// Sessions live in an Arc; the reader's answers to target pings need one.
+    fn self_arc(&self) -> Option<Arc<Session>> {
+        self.me.upgrade()
+    }
+}
+
+fn residual(h: &Bhs) -> i64 {
+    let n = i64::from(h.u32_at(44));
+    if h.flags() & pdu::F_UNDERFLOW != 0 {
+        n
+    } else if h.flags() & pdu::F_OVERFLOW != 0 {
+        -n
+    } else {
+        0
+    }
+}
+
+/// `write_all` over several slices, in as few syscalls as the socket takes.
+async fn write_all_vectored<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    parts: &[&[u8]],
+) -> std::io::Result<()> {
+    let mut idx = 0;
+    let mut off = 0;
+    while idx < parts.len() {
+        if parts[idx].len() == off {
+            idx += 1;
+            off = 0;
+            continue;
+        }
+        let mut slices = Vec::with_capacity(parts.len() - idx);
+        slices.push(IoSlice::new(&parts[idx][off..]));
+        slices.extend(parts[idx + 1..].iter().map(|p| IoSlice::new(p)));
+        let mut n = w.write_vectored(&slices).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        while n > 0 && idx < parts.len() {
+            let left = parts[idx].len() - off;
+            if n >= left {
+                n -= left;
+                idx += 1;
+                off = 0;
+            } else {
+                off += n;
+                n = 0;
+            }
+        }
+    }
+    Ok(())
+}
