@@ -162,3 +162,316 @@ async fn login_without_chap_and_pattern_data_512() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lun_with_4096_byte_blocks_unmap_and_write_same() {
+    if !fixtures::require_all(&["tgtd", "iscsi-readcapacity16"]) {
+        return;
+    }
+    let lun = Lun::start(32 * MIB, 4096, true);
+    // libiscsi's view of the same LUN: the oracle for size and block size.
+    let rc = fixtures::run_ok(fixtures::command("iscsi-readcapacity16").arg(lun.url())).unwrap();
+    assert!(rc.contains("LOGICAL BLOCK LENGTH IN BYTES:4096"), "{rc}");
+    assert!(rc.contains("Total size:33554432"), "{rc}");
+    bounded(60, async {
+        let m = open(&lun.url()).await;
+        let info = m.info();
+        assert_eq!((info.size, info.block_size), (32 * MIB, 4096));
+        assert!(info.caps.discard, "thin_provisioning=1 advertises UNMAP: {:?}", m.lun());
+        write_read_back(&m, &lun.image(), 11).await;
+
+        // A 512-byte request on a 4096-byte LUN is refused before it leaves.
+        let e = read(&m, 512, 512).await.unwrap_err();
+        assert!(matches!(e, IoError::Invalid(_)), "{e}");
+
+        // UNMAP: the range is deallocated in the backing file (tgtd punches a hole).
+        let mut d = pattern(12, 4 * MIB, MIB as usize);
+        write(&m, 4 * MIB, &mut d, false).await.unwrap();
+        no_data(&m, Op::Trim, 4 * MIB, MIB).await.unwrap();
+        no_data(&m, Op::Flush, 0, 0).await.unwrap();
+        let after = file_bytes(&lun.image(), 4 * MIB, MIB as usize);
+        assert!(after.iter().all(|&b| b == 0), "unmapped range still holds data");
+
+        // Write zeroes (WRITE SAME) where the LUN has it; reads back as zeroes.
+        if info.caps.write_zeroes {
+            let mut d = pattern(13, 8 * MIB, MIB as usize);
+            write(&m, 8 * MIB, &mut d, false).await.unwrap();
+            no_data(&m, Op::WriteZeroes, 8 * MIB, 512 << 10).await.unwrap();
+            let back = read(&m, 8 * MIB, MIB).await.unwrap();
+            assert!(back[..512 << 10].iter().all(|&b| b == 0));
+            verify_pattern(13, 8 * MIB + (512 << 10), &back[512 << 10..]).unwrap();
+        } else {
+            eprintln!("note: this tgtd does not report WRITE SAME(16): {:?}", m.lun());
+        }
+        m.close();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_commands_in_flight_stay_in_order_and_correct() {
+    if !fixtures::require("tgtd") {
+        return;
+    }
+    let lun = Lun::start(64 * MIB, 512, false);
+    bounded(120, async {
+        let m = Arc::new(open(&lun.url()).await);
+        // 64 tasks each writing then reading their own 4 KiB..256 KiB regions at once:
+        // more than tgtd's command window, so CmdSN flow control is exercised too.
+        let tasks: Vec<_> = (0..64u64)
+            .map(|i| {
+                let m = m.clone();
+                tokio::spawn(async move {
+                    let len = 4096 << (i % 7);
+                    let offset = i * MIB;
+                    for round in 0..4u64 {
+                        let seed = i * 100 + round;
+                        let mut d = pattern(seed, offset, len);
+                        write(&m, offset, &mut d, round == 3).await.unwrap();
+                        let back = read(&m, offset, len as u64).await.unwrap();
+                        verify_pattern(seed, offset, &back)
+                            .unwrap_or_else(|e| panic!("task {i} round {round}: {e}"));
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        no_data(&m, Op::Flush, 0, 0).await.unwrap();
+        for i in 0..64u64 {
+            let len = 4096 << (i % 7);
+            let b = file_bytes(&lun.image(), i * MIB, len);
+            verify_pattern(i * 100 + 3, i * MIB, &b).unwrap();
+        }
+        m.close();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crc32c_digests_when_offered() {
+    if !fixtures::require("tgtd") {
+        return;
+    }
+    let mut lun = Lun::start(16 * MIB, 512, false);
+    // tgtd offers digests only when the target is configured for them.
+    lun.tgtd.set_param(1, "HeaderDigest", "CRC32C,None").unwrap();
+    lun.tgtd.set_param(1, "DataDigest", "CRC32C,None").unwrap();
+    bounded(60, async {
+        let mut o = options();
+        o.login.digests = true;
+        let m = IscsiMember::open(&lun.url(), o).await.unwrap();
+        let st = m.status();
+        assert!(st.header_digest && st.data_digest, "{st:?}");
+        write_read_back(&m, &lun.image(), 21).await;
+        m.close();
+    })
+    .await;
+}
+
+fn chap_lun(outgoing: bool) -> Lun {
+    let mut lun = Lun::start(16 * MIB, 512, false);
+    lun.tgtd
+        .add_chap(1, "alice", "alice-secret-12", false)
+        .unwrap();
+    if outgoing {
+        lun.tgtd
+            .add_chap(1, "tgt-side", "target-secret-12", true)
+            .unwrap();
+    }
+    lun
+}
+
+fn with_auth(url: &str, auth: &str) -> String {
+    url.replacen("iscsi://", &format!("iscsi://{auth}@"), 1)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chap_good_secret_logs_in_and_wrong_secret_says_so() {
+    if !fixtures::require("tgtd") {
+        return;
+    }
+    let lun = chap_lun(false);
+    bounded(60, async {
+        let good = with_auth(&lun.url(), "alice%alice-secret-12");
+        let m = open(&good).await;
+        assert!(
+            !m.info().address.contains("alice-secret-12"),
+            "the secret must not show in the address: {}",
+            m.info().address
+        );
+        write_read_back(&m, &lun.image(), 31).await;
+        m.close();
+
+        let bad = with_auth(&lun.url(), "alice%wrong-secret-1");
+        let e = IscsiMember::open(&bad, options()).await.err().unwrap();
+        let msg = e.to_string();
+        assert_eq!(
+            msg,
+            format!(
+                "iSCSI target {IQN} at {} refused login: authentication failed (check the CHAP user/secret)",
+                lun.tgtd.portal()
+            )
+        );
+        assert!(!msg.contains("wrong-secret-1"));
+        assert_eq!(e.errno(), libc::EACCES);
+
+        // No credentials at all for a target that wants CHAP.
+        let e = IscsiMember::open(&lun.url(), options()).await.err().unwrap();
+        assert!(matches!(e, IscsiError::LoginRefused { .. }), "{e}");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_chap_checks_the_target() {
+    if !fixtures::require("tgtd") {
+        return;
+    }
+    let lun = chap_lun(true);
+    bounded(60, async {
+        let url = with_auth(&lun.url(), "alice%alice-secret-12");
+        let mutual = |user: &str, secret: &str| {
+            let mut o = options();
+            o.login.mutual = Some(backends::iscsi::Chap {
+                user: user.into(),
+                secret: secret.into(),
+            });
+            o
+        };
+        let m = IscsiMember::open(&url, mutual("tgt-side", "target-secret-12"))
+            .await
+            .unwrap();
+        write_read_back(&m, &lun.image(), 41).await;
+        m.close();
+        // A target that does not know the secret we expect is refused.
+        let e = IscsiMember::open(&url, mutual("tgt-side", "not-the-secret"))
+            .await
+            .err()
+            .unwrap();
+        assert!(matches!(e, IscsiError::MutualAuth { .. }), "{e}");
+        assert!(e.to_string().contains("does not match"), "{e}");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_target_comes_back_and_in_flight_io_completes() {
+    if !fixtures::require("tgtd") {
+        return;
+    }
+    let mut lun = Lun::start(16 * MIB, 512, false);
+    let m = Arc::new(bounded(30, open(&lun.url())).await);
+    bounded(30, write_read_back(&m, &lun.image(), 51)).await;
+    lun.tgtd.kill().unwrap();
+    // Requests issued while the target is down wait for the re-login and complete.
+    let writer = {
+        let m = m.clone();
+        tokio::spawn(async move {
+            let mut d = pattern(52, 3 * MIB, 256 << 10);
+            write(&m, 3 * MIB, &mut d, true).await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(!m.connected(), "the member noticed the target is gone");
+    lun.tgtd.restart().unwrap();
+    bounded(30, async {
+        writer.await.unwrap().expect("the write waits for the new session");
+        let back = read(&m, 3 * MIB, 256 << 10).await.unwrap();
+        verify_pattern(52, 3 * MIB, &back).unwrap();
+        let st = m.status();
+        assert!(st.connected && st.reconnects >= 1, "{st:?}");
+        // What was written before the crash is still there.
+        let back = read(&m, MIB, 64 << 10).await.unwrap();
+        verify_pattern(51, MIB, &back).unwrap();
+    })
+    .await;
+    m.close();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn target_down_for_longer_than_the_deadline_fails_with_disconnected() {
+    if !fixtures::require("tgtd") {
+        return;
+    }
+    let mut lun = Lun::start(16 * MIB, 512, false);
+    let mut o = options();
+    o.timeout = Duration::from_secs(2);
+    let m = bounded(30, IscsiMember::open(&lun.url(), o)).await.unwrap();
+    lun.tgtd.kill().unwrap();
+    let e = bounded(20, read(&m, 0, 4096)).await.unwrap_err();
+    assert!(
+        matches!(e, IoError::Disconnected(_) | IoError::Timeout(_)),
+        "{e}"
+    );
+    assert!(e.to_string().contains(IQN), "{e}");
+    m.close();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discovery_lists_targets_luns_and_sizes() {
+    if !fixtures::require_all(&["tgtd", "iscsi-ls"]) {
+        return;
+    }
+    let tmp = Tmp::new().unwrap();
+    let (a, b) = (tmp.join("a.img"), tmp.join("b.img"));
+    sparse_file(&a, 16 * MIB).unwrap();
+    sparse_file(&b, 8 * MIB).unwrap();
+    let mut tgtd = Tgtd::start().unwrap();
+    let iqn2 = "iqn.2026-11.io.uniblk.test:two";
+    tgtd.add_target(1, IQN, &[LunSpec::file(&a, 512)]).unwrap();
+    tgtd.add_target(2, iqn2, &[LunSpec::file(&a, 512), LunSpec::file(&b, 4096)])
+        .unwrap();
+    // libiscsi's listing is the oracle.
+    let ls = fixtures::run_ok(
+        fixtures::command("iscsi-ls").args(["-s", &format!("iscsi://{}", tgtd.portal())]),
+    )
+    .unwrap();
+    assert!(ls.contains(IQN) && ls.contains(iqn2), "{ls}");
+    let portal = IscsiUrl::parse_any(&format!("iscsi://{}", tgtd.portal())).unwrap();
+    let found = bounded(60, discovery::discover(&portal, &options().login))
+        .await
+        .unwrap();
+    let names: Vec<&str> = found.iter().map(|t| t.name.as_str()).collect();
+    assert_eq!(names, [IQN, iqn2]);
+    assert!(found[0].addresses[0].starts_with(&tgtd.portal()), "{found:?}");
+    let two = &found[1].luns;
+    assert_eq!(two.len(), 2, "{found:?}");
+    assert_eq!((two[0].lun, two[0].size, two[0].block_size), (1, 16 * MIB, 512));
+    assert_eq!((two[1].lun, two[1].size, two[1].block_size), (2, 8 * MIB, 4096));
+    assert_eq!(two[1].address, tgtd.url(iqn2, 2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn target_nop_ins_are_answered() {
+    if !fixtures::require("tgtd") {
+        return;
+    }
+    let mut lun = Lun::start(16 * MIB, 512, false);
+    // tgtd pings every second and drops a connection after 2 unanswered pings.
+    lun.tgtd.set_param(1, "nop_interval", "1").unwrap();
+    lun.tgtd.set_param(1, "nop_count", "2").unwrap();
+    let mut o = options();
+    o.heartbeat = Duration::from_secs(3600); // only the target's pings keep it alive
+    let m = bounded(30, IscsiMember::open(&lun.url(), o)).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let st = m.status();
+    assert!(st.connected && st.reconnects == 0, "{st:?}");
+    bounded(30, write_read_back(&m, &lun.image(), 61)).await;
+    m.close();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeat_pings_the_target() {
+    if !fixtures::require("tgtd") {
+        return;
+    }
+    let lun = Lun::start(16 * MIB, 512, false);
+    let m = bounded(30, open(&lun.url())).await;
+    let rtt = bounded(10, m.ping()).await.unwrap();
+    assert!(rtt < Duration::from_secs(5));
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    assert!(m.status().heartbeats >= 2, "{:?}", m.status());
+    m.close();
+}

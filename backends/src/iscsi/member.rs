@@ -541,9 +541,11 @@ impl Shared {
         }
     }
 
-    /// GOOD status with data missing is still a failure for a block read.
+    /// GOOD status with data missing is still a failure for a block read or write.
+    /// (Not for UNMAP and WRITE SAME: tgtd reports their parameter data as residual.)
     fn check_residual(&self, cmd: &Command, c: &Completion, offset: u64, len: u64) -> IoResult {
-        if c.residual != 0 && (cmd.data_in.is_some() || cmd.data_out.is_some()) {
+        let rw = matches!(cmd.cdb[0], scsi::OP_READ_16 | scsi::OP_WRITE_16);
+        if c.residual != 0 && rw {
             return Err(IoError::Io(format!(
                 "{}: {} of {len} bytes at offset {offset} left {} bytes untransferred",
                 self.address,
