@@ -475,3 +475,65 @@ async fn heartbeat_pings_the_target() {
     assert!(m.status().heartbeats >= 2, "{:?}", m.status());
     m.close();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn addresses_open_with_chap_from_a_file_or_the_environment() {
+    use backends::addr::{self, RemoteOptions};
+    use backends::iscsi::{ChapSource, IscsiAuth, SecretSource};
+    if !fixtures::require("tgtd") {
+        return;
+    }
+    let lun = chap_lun(true);
+    let secret_file = lun.tmp.join("chap.secret");
+    std::fs::write(&secret_file, "alice-secret-12\n").unwrap();
+    std::env::set_var("UNIBLK_TEST_TARGET_SECRET", "target-secret-12");
+    let remote = RemoteOptions {
+        iscsi: IscsiAuth {
+            chap: Some(ChapSource {
+                user: "alice".into(),
+                secret: SecretSource::File(secret_file.clone()),
+            }),
+            mutual: Some(ChapSource {
+                user: "tgt-side".into(),
+                secret: SecretSource::Env("UNIBLK_TEST_TARGET_SECRET".into()),
+            }),
+        },
+        ..RemoteOptions::default()
+    };
+    let url = lun.url();
+    bounded(60, async {
+        let m = addr::open_with(&addr::parse(&url).unwrap(), &url, &remote)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(m.info().proto, Proto::Iscsi);
+        let mut d = pattern(71, 0, 4096);
+        let len = d.len() as u64;
+        let tag = Tag {
+            id: raidcore::io::next_tag_id(),
+            class: m.info().class,
+            member: 0,
+            proto: m.info().proto,
+            op: Op::Write,
+            offset: 0,
+            len,
+            fua: true,
+        };
+        m.submit(MemberIo { tag, buf: IoBuf::from_slice(&mut d) })
+            .await
+            .unwrap();
+        verify_pattern(71, 0, &file_bytes(&lun.image(), 0, 4096)).unwrap();
+        m.close();
+
+        // A wrong secret in the file: the error names the target and the fix, not the
+        // secret.
+        std::fs::write(&secret_file, "not-alices-secret\n").unwrap();
+        let e = addr::open_with(&addr::parse(&url).unwrap(), &url, &remote)
+            .await
+            .err()
+            .unwrap();
+        let msg = e.to_string();
+        assert!(msg.contains("authentication failed (check the CHAP user/secret)"), "{msg}");
+        assert!(!msg.contains("not-alices-secret"), "{msg}");
+    })
+    .await;
+}

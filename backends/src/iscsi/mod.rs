@@ -10,6 +10,7 @@
 //! | [`session`] | one logged-in connection: reader task, task tags, CmdSN window, R2T |
 //! | [`member`] | [`IscsiMember`]: deadlines, reconnect + re-login, retries |
 //! | [`discovery`] | SendTargets discovery and LUN listing, for `uniblk scan` |
+//! | [`secret`] | CHAP secrets from the layout, a file or the environment |
 //!
 //! One session of one connection per member, ErrorRecoveryLevel 0: any connection
 //! failure ends the session, the member logs in again (reinstating the session with the
@@ -21,12 +22,14 @@ pub mod lun;
 pub mod member;
 pub mod pdu;
 pub mod scsi;
+pub mod secret;
 pub mod session;
 mod url;
 
 pub use login::{Chap, LoginOptions};
 pub use member::{IscsiMember, IscsiOptions, IscsiStatus};
-pub use url::IscsiUrl;
+pub use secret::{ChapSource, IscsiAuth, SecretSource};
+pub use url::{redact_text, IscsiUrl};
 
 use thiserror::Error;
 
