@@ -38,7 +38,8 @@ enum Cmd {
         #[arg(long)]
         socket: Option<PathBuf>,
     },
-    /// List what a server offers: `uniblk scan nbd://HOST[:PORT]` lists its exports and sizes.
+    /// List what a server offers: `uniblk scan nbd://HOST[:PORT]` lists its exports and sizes,
+    /// `uniblk scan iscsi://HOST[:PORT]` its targets, LUNs and sizes (SendTargets discovery).
     Scan {
         target: String,
         /// Print JSON instead of a table.

@@ -11,9 +11,53 @@ pub async fn run(target: &str, as_json: bool) -> Result<()> {
     }
     let scheme = target.split(':').next().unwrap_or(target);
     match scheme {
-        "iscsi" | "aoe" => bail!("scanning {scheme} targets is not supported yet in this build (only nbd:// and nbd+unix://)"),
-        _ => bail!("cannot scan '{target}': give a server address like nbd://HOST[:PORT] or nbd+unix:///?socket=/path"),
+        "iscsi" => iscsi(target, as_json).await,
+        "aoe" => bail!("scanning aoe targets is not supported yet in this build (only nbd://, nbd+unix:// and iscsi://)"),
+        _ => bail!("cannot scan '{target}': give a server address like nbd://HOST[:PORT], nbd+unix:///?socket=/path or iscsi://HOST[:PORT]"),
     }
+}
+
+/// SendTargets discovery, then each target's disk LUNs and sizes. CHAP for the LUN
+/// listing comes from the URL (`iscsi://user%secret@host`).
+async fn iscsi(target: &str, as_json: bool) -> Result<()> {
+    use backends::iscsi::{discovery, IscsiOptions, IscsiUrl};
+    let shown = backends::iscsi::redact_text(target);
+    let portal = IscsiUrl::parse_any(target)?;
+    let mut login = IscsiOptions::default().login;
+    login.chap = backends::iscsi::member::url_chap(&portal)?;
+    let targets = discovery::discover(&portal, &login)
+        .await
+        .with_context(|| format!("scanning {shown}"))?;
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&targets)?);
+        return Ok(());
+    }
+    if targets.is_empty() {
+        println!("{shown}: the portal lists no targets");
+        return Ok(());
+    }
+    for t in &targets {
+        println!("target {}  ({})", t.name, t.addresses.join(", "));
+        if let Some(e) = &t.error {
+            println!("  cannot list LUNs: {e}");
+            continue;
+        }
+        if t.luns.is_empty() {
+            println!("  no disk LUNs");
+        }
+        for l in &t.luns {
+            println!(
+                "  lun {:<4} {:>12}  {:>4}-byte blocks  {}{}  {}",
+                l.lun,
+                human(l.size),
+                l.block_size,
+                format!("{} {}", l.vendor, l.product).trim(),
+                if l.unmap { ", unmap" } else { "" },
+                l.address
+            );
+        }
+    }
+    Ok(())
 }
 
 async fn nbd(target: &str, as_json: bool) -> Result<()> {
