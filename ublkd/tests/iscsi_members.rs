@@ -424,3 +424,52 @@ fn medium_errors_on_the_lun_redirect_reads_to_the_mirror() {
     fixtures::qemu_io_ok(&uri, &["read -P 0x5a 0 8M"]).unwrap();
     faulty.set_failing(false).unwrap();
 }
+
+/// CHAP secrets from the layout's `remote.iscsi` table, one from a file it names and the
+/// target's (mutual CHAP) from ublkd's environment: the array assembles and serves data,
+/// and neither secret appears in the layout's echo, the status or the daemon's log.
+#[test]
+fn chap_secrets_from_a_file_and_the_environment_stay_out_of_status_and_logs() {
+    if !fixtures::require_all(&["tgtd", "qemu-io"]) {
+        return;
+    }
+    let files = Tmp::new().unwrap();
+    let local = member_file(&files, "local.img");
+    let behind_lun = member_file(&files, "lun.img");
+    let mut tgtd = tgtd_with(&[(behind_lun.clone(), 512)]);
+    tgtd.add_chap(1, "ublkd-host", "secret-in-a-file-1", false).unwrap();
+    tgtd.add_chap(1, "the-target", "secret-in-the-env-2", true).unwrap();
+    let secret_file = files.join("chap.secret");
+    std::fs::write(&secret_file, "secret-in-a-file-1\n").unwrap();
+    // The daemon inherits the test's environment.
+    std::env::set_var("UNIBLK_TEST_ISCSI_TARGET_SECRET", "secret-in-the-env-2");
+    let remote = format!(
+        "timeout = \"5s\", iscsi = {{ chap_user = \"ublkd-host\", chap_secret_file = \"{}\", \
+         mutual_user = \"the-target\", mutual_secret_env = \"UNIBLK_TEST_ISCSI_TARGET_SECRET\" }}",
+        secret_file.display()
+    );
+    let mut rig = Rig::start(
+        "r1chap",
+        "raid1",
+        &[file_addr(&local), tgtd.url(IQN, 1)],
+        &remote,
+    );
+    let uri = rig.uri();
+    fixtures::qemu_io_ok(&uri, &["write -P 0x77 0 4M"]).unwrap();
+    let r = rig.request(json!({"cmd": "member_fail", "array": "r1chap", "member": "0"}));
+    assert_eq!(r["ok"], true, "{r}");
+    // Served by the CHAP-authenticated member alone now.
+    fixtures::qemu_io_ok(&uri, &["read -P 0x77 0 4M"]).unwrap();
+    let st = rig.request(json!({"cmd": "status"})).to_string();
+    let log = rig.daemon.log();
+    for secret in ["secret-in-a-file-1", "secret-in-the-env-2"] {
+        assert!(!st.contains(secret), "status shows a CHAP secret: {st}");
+        assert!(!log.contains(secret), "the log shows a CHAP secret:\n{log}");
+    }
+    assert!(st.contains("iscsi://127.0.0.1"), "{st}");
+    rig.stop_clean();
+    let f = std::fs::File::open(&behind_lun).unwrap();
+    let mut b = vec![0u8; 4 * MIB as usize];
+    f.read_exact_at(&mut b, DATA_OFFSET).unwrap();
+    assert!(b.iter().all(|&x| x == 0x77), "the LUN's backing file lacks the data");
+}
