@@ -479,8 +479,18 @@ async fn open_iscsi(text: &str, remote: &RemoteOptions) -> Result<Arc<dyn Member
         ..crate::iscsi::IscsiOptions::default()
     };
     let auth = &remote.iscsi;
-    opts.login.chap = auth.chap.as_ref().map(|c| c.resolve()).transpose().map_err(fail)?;
-    opts.login.mutual = auth.mutual.as_ref().map(|c| c.resolve()).transpose().map_err(fail)?;
+    opts.login.chap = auth
+        .chap
+        .as_ref()
+        .map(|c| c.resolve())
+        .transpose()
+        .map_err(fail)?;
+    opts.login.mutual = auth
+        .mutual
+        .as_ref()
+        .map(|c| c.resolve())
+        .transpose()
+        .map_err(fail)?;
     match crate::iscsi::IscsiMember::open(text, opts).await {
         Ok(m) => Ok(Arc::new(m)),
         Err(error) => Err(fail(error)),

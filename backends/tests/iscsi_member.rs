@@ -177,7 +177,11 @@ async fn lun_with_4096_byte_blocks_unmap_and_write_same() {
         let m = open(&lun.url()).await;
         let info = m.info();
         assert_eq!((info.size, info.block_size), (32 * MIB, 4096));
-        assert!(info.caps.discard, "thin_provisioning=1 advertises UNMAP: {:?}", m.lun());
+        assert!(
+            info.caps.discard,
+            "thin_provisioning=1 advertises UNMAP: {:?}",
+            m.lun()
+        );
         write_read_back(&m, &lun.image(), 11).await;
 
         // A 512-byte request on a 4096-byte LUN is refused before it leaves.
@@ -190,18 +194,26 @@ async fn lun_with_4096_byte_blocks_unmap_and_write_same() {
         no_data(&m, Op::Trim, 4 * MIB, MIB).await.unwrap();
         no_data(&m, Op::Flush, 0, 0).await.unwrap();
         let after = file_bytes(&lun.image(), 4 * MIB, MIB as usize);
-        assert!(after.iter().all(|&b| b == 0), "unmapped range still holds data");
+        assert!(
+            after.iter().all(|&b| b == 0),
+            "unmapped range still holds data"
+        );
 
         // Write zeroes (WRITE SAME) where the LUN has it; reads back as zeroes.
         if info.caps.write_zeroes {
             let mut d = pattern(13, 8 * MIB, MIB as usize);
             write(&m, 8 * MIB, &mut d, false).await.unwrap();
-            no_data(&m, Op::WriteZeroes, 8 * MIB, 512 << 10).await.unwrap();
+            no_data(&m, Op::WriteZeroes, 8 * MIB, 512 << 10)
+                .await
+                .unwrap();
             let back = read(&m, 8 * MIB, MIB).await.unwrap();
             assert!(back[..512 << 10].iter().all(|&b| b == 0));
             verify_pattern(13, 8 * MIB + (512 << 10), &back[512 << 10..]).unwrap();
         } else {
-            eprintln!("note: this tgtd does not report WRITE SAME(16): {:?}", m.lun());
+            eprintln!(
+                "note: this tgtd does not report WRITE SAME(16): {:?}",
+                m.lun()
+            );
         }
         m.close();
     })
@@ -256,7 +268,9 @@ async fn crc32c_digests_when_offered() {
     }
     let mut lun = Lun::start(16 * MIB, 512, false);
     // tgtd offers digests only when the target is configured for them.
-    lun.tgtd.set_param(1, "HeaderDigest", "CRC32C,None").unwrap();
+    lun.tgtd
+        .set_param(1, "HeaderDigest", "CRC32C,None")
+        .unwrap();
     lun.tgtd.set_param(1, "DataDigest", "CRC32C,None").unwrap();
     bounded(60, async {
         let mut o = options();
@@ -377,7 +391,10 @@ async fn killed_target_comes_back_and_in_flight_io_completes() {
     assert!(!m.connected(), "the member noticed the target is gone");
     lun.tgtd.restart().unwrap();
     bounded(30, async {
-        writer.await.unwrap().expect("the write waits for the new session");
+        writer
+            .await
+            .unwrap()
+            .expect("the write waits for the new session");
         let back = read(&m, 3 * MIB, 256 << 10).await.unwrap();
         verify_pattern(52, 3 * MIB, &back).unwrap();
         let st = m.status();
@@ -435,11 +452,20 @@ async fn discovery_lists_targets_luns_and_sizes() {
         .unwrap();
     let names: Vec<&str> = found.iter().map(|t| t.name.as_str()).collect();
     assert_eq!(names, [IQN, iqn2]);
-    assert!(found[0].addresses[0].starts_with(&tgtd.portal()), "{found:?}");
+    assert!(
+        found[0].addresses[0].starts_with(&tgtd.portal()),
+        "{found:?}"
+    );
     let two = &found[1].luns;
     assert_eq!(two.len(), 2, "{found:?}");
-    assert_eq!((two[0].lun, two[0].size, two[0].block_size), (1, 16 * MIB, 512));
-    assert_eq!((two[1].lun, two[1].size, two[1].block_size), (2, 8 * MIB, 4096));
+    assert_eq!(
+        (two[0].lun, two[0].size, two[0].block_size),
+        (1, 16 * MIB, 512)
+    );
+    assert_eq!(
+        (two[1].lun, two[1].size, two[1].block_size),
+        (2, 8 * MIB, 4096)
+    );
     assert_eq!(two[1].address, tgtd.url(iqn2, 2));
 }
 
@@ -518,9 +544,12 @@ async fn addresses_open_with_chap_from_a_file_or_the_environment() {
             len,
             fua: true,
         };
-        m.submit(MemberIo { tag, buf: IoBuf::from_slice(&mut d) })
-            .await
-            .unwrap();
+        m.submit(MemberIo {
+            tag,
+            buf: IoBuf::from_slice(&mut d),
+        })
+        .await
+        .unwrap();
         verify_pattern(71, 0, &file_bytes(&lun.image(), 0, 4096)).unwrap();
         m.close();
 
@@ -532,7 +561,10 @@ async fn addresses_open_with_chap_from_a_file_or_the_environment() {
             .err()
             .unwrap();
         let msg = e.to_string();
-        assert!(msg.contains("authentication failed (check the CHAP user/secret)"), "{msg}");
+        assert!(
+            msg.contains("authentication failed (check the CHAP user/secret)"),
+            "{msg}"
+        );
         assert!(!msg.contains("not-alices-secret"), "{msg}");
     })
     .await;

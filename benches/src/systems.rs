@@ -8,7 +8,9 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use fixtures::{pid_alive, Nbdkit, NbdkitServer, QemuNbd, QuietDaemon, DIR_PLACEHOLDER};
+use fixtures::{
+    pid_alive, LunSpec, Nbdkit, NbdkitServer, QemuNbd, QuietDaemon, Tgtd, DIR_PLACEHOLDER,
+};
 
 use crate::jobs::{Region, Target};
 
@@ -56,6 +58,10 @@ pub enum Kind {
     UniblkRaid0Capped,
     /// One `nbdkit memory 1G` capped with [`RATE_CAP`], read by fio directly.
     NbdkitCapped,
+    /// uniblk, a `linear` array of one iSCSI LUN: tgtd serving the first member file.
+    UniblkIscsi,
+    /// libiscsi's iscsi-perf straight on such a LUN (its own tgtd, the same file).
+    IscsiPerf,
 }
 
 impl Kind {
@@ -79,6 +85,8 @@ impl Kind {
                 | Kind::FioDirect
                 | Kind::UniblkRaid1FileNbdkit
                 | Kind::UniblkLinearFile
+                | Kind::UniblkIscsi
+                | Kind::IscsiPerf
         )
     }
 
@@ -146,6 +154,10 @@ pub struct Comparison {
 }
 
 const RANDWRITE_QD32: &str = "randwrite-4k-qd32x2";
+/// Issue 6: one initiator at QD32, uniblk over one iSCSI member vs iscsi-perf.
+const RANDREAD_QD32_ONE: &str = "randread-4k-qd32";
+/// The target every benchmark LUN is served under.
+const BENCH_IQN: &str = "iqn.2026-11.io.uniblk.bench:lun";
 const SEQREAD_1M: &str = "read-1m-qd8";
 
 /// The explicit comparisons (issue 4's benchmark).
@@ -170,7 +182,7 @@ pub const COMPARISONS: [Comparison; 2] = [
 
 /// Every system, group by group, uniblk first in each group (the `remote` group: the
 /// arrays first, then their members alone).
-pub const SYSTEMS: [System; 14] = [
+pub const SYSTEMS: [System; 16] = [
     System::new("mem-unix", "uniblk", Kind::UniblkMem(Transport::Unix)),
     System::new("mem-unix", "nbdkit", Kind::NbdkitMemory(Transport::Unix)),
     System::new("mem-tcp", "uniblk", Kind::UniblkMem(Transport::Tcp)),
@@ -190,6 +202,8 @@ pub const SYSTEMS: [System; 14] = [
     .only(&[RANDWRITE_QD32]),
     System::new("remote", "uniblk-raid0", Kind::UniblkRaid0Capped).only(&[SEQREAD_1M]),
     System::new("remote", "capped-alone", Kind::NbdkitCapped).only(&[SEQREAD_1M]),
+    System::new("iscsi", "uniblk", Kind::UniblkIscsi).only(&[RANDREAD_QD32_ONE]),
+    System::new("iscsi", "iscsi-perf", Kind::IscsiPerf).only(&[RANDREAD_QD32_ONE]),
 ];
 
 /// A running system: the server process (none for fio-direct) and how fio reaches it.
@@ -206,6 +220,11 @@ enum Server {
     UniblkOver(QuietDaemon, Vec<NbdkitServer>),
     Nbdkit(NbdkitServer),
     QemuNbd(QemuNbd),
+    /// A daemon over an iSCSI LUN, and the tgtd serving it (stopped after it).
+    UniblkOverTgtd(QuietDaemon, Tgtd),
+    /// tgtd alone, read by iscsi-perf (no server CPU is measured: iscsi-perf is the
+    /// initiator, tgtd the target on both sides of the ratio).
+    Tgtd(Tgtd),
     None,
 }
 
@@ -213,10 +232,12 @@ impl Running {
     /// The server's PID, for CPU time and memory; `None` when there is no server.
     pub fn pid(&self) -> Option<u32> {
         match &self.server {
-            Server::Uniblk(d) | Server::UniblkOver(d, _) => Some(d.pid()),
+            Server::Uniblk(d) | Server::UniblkOver(d, _) | Server::UniblkOverTgtd(d, _) => {
+                Some(d.pid())
+            }
             Server::Nbdkit(s) => Some(s.pid()),
             Server::QemuNbd(q) => Some(q.pid()),
-            Server::None => None,
+            Server::Tgtd(_) | Server::None => None,
         }
     }
 
@@ -234,6 +255,11 @@ impl Running {
             }
             Server::Nbdkit(s) => s.stop()?,
             Server::QemuNbd(q) => q.stop()?,
+            Server::UniblkOverTgtd(d, t) => {
+                stop_daemon(d)?;
+                t.stop()?;
+            }
+            Server::Tgtd(t) => t.stop()?,
             Server::None => {}
         }
         if let Some(pid) = pid.filter(|&p| pid_alive(p)) {
@@ -307,6 +333,19 @@ pub fn start(sys: &System, env: &Env) -> Result<Running> {
             let s = memory_member(&[RATE_CAP])?;
             let uri = s.uri();
             (Server::Nbdkit(s), Target::Nbd { uri })
+        }
+        Kind::UniblkIscsi => {
+            let t = tgtd_over(&files(env)?[0])?;
+            let (server, target) = uniblk(env, "linear", &[t.url(BENCH_IQN, 1)], Transport::Unix)?;
+            let Server::Uniblk(d) = server else {
+                unreachable!("uniblk() starts a daemon")
+            };
+            (Server::UniblkOverTgtd(d, t), target)
+        }
+        Kind::IscsiPerf => {
+            let t = tgtd_over(&files(env)?[0])?;
+            let url = t.url(BENCH_IQN, 1);
+            (Server::Tgtd(t), Target::Iscsi { url })
         }
         Kind::FioDirect => {
             let path = files(env)?[0].clone();
@@ -399,6 +438,14 @@ fn nbdkit(plugin: &str, t: Transport) -> Result<(Server, Target)> {
         .with_context(|| format!("starting nbdkit {plugin}"))?;
     let uri = s.uri();
     Ok((Server::Nbdkit(s), Target::Nbd { uri }))
+}
+
+/// tgtd on 127.0.0.1 serving `file` as LUN 1 of [`BENCH_IQN`] (512-byte blocks,
+/// through the page cache as tgtd's default backing store does).
+fn tgtd_over(file: &Path) -> Result<Tgtd> {
+    let mut t = Tgtd::start().context("starting tgtd")?;
+    t.add_target(1, BENCH_IQN, &[LunSpec::file(file, 512)])?;
+    Ok(t)
 }
 
 fn qemu_nbd(file: &Path) -> Result<(Server, Target)> {

@@ -25,19 +25,43 @@ fn scan_lists_targets_luns_and_sizes() {
     sparse_file(&a, 64 * MIB).unwrap();
     sparse_file(&b, 32 * MIB).unwrap();
     let mut tgtd = Tgtd::start().unwrap();
-    tgtd.add_target(1, "iqn.2026-11.io.uniblk.test:one", &[LunSpec::file(&a, 512)])
-        .unwrap();
-    tgtd.add_target(2, "iqn.2026-11.io.uniblk.test:two", &[LunSpec::file(&b, 4096).thin()])
-        .unwrap();
+    tgtd.add_target(
+        1,
+        "iqn.2026-11.io.uniblk.test:one",
+        &[LunSpec::file(&a, 512)],
+    )
+    .unwrap();
+    tgtd.add_target(
+        2,
+        "iqn.2026-11.io.uniblk.test:two",
+        &[LunSpec::file(&b, 4096).thin()],
+    )
+    .unwrap();
     let portal = format!("iscsi://{}", tgtd.portal());
 
     let out = uniblk(&["scan", &portal]);
     let table = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{table}{}", String::from_utf8_lossy(&out.stderr));
-    assert!(table.contains("target iqn.2026-11.io.uniblk.test:one"), "{table}");
-    assert!(table.contains("64.0 MiB") || table.contains("64 MiB"), "{table}");
-    assert!(table.contains(&tgtd.url("iqn.2026-11.io.uniblk.test:two", 1)), "{table}");
-    assert!(table.contains("4096-byte blocks") && table.contains("unmap"), "{table}");
+    assert!(
+        out.status.success(),
+        "{table}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        table.contains("target iqn.2026-11.io.uniblk.test:one"),
+        "{table}"
+    );
+    assert!(
+        table.contains("64.0 MiB") || table.contains("64 MiB"),
+        "{table}"
+    );
+    assert!(
+        table.contains(&tgtd.url("iqn.2026-11.io.uniblk.test:two", 1)),
+        "{table}"
+    );
+    assert!(
+        table.contains("4096-byte blocks") && table.contains("unmap"),
+        "{table}"
+    );
 
     let out = uniblk(&["scan", "--json", &portal]);
     assert!(out.status.success());
@@ -48,12 +72,20 @@ fn scan_lists_targets_luns_and_sizes() {
     assert_eq!(v[1]["luns"][0]["size"], 32 * MIB);
     assert_eq!(v[1]["luns"][0]["block_size"], 4096);
     assert_eq!(v[1]["luns"][0]["unmap"], true);
-    assert_eq!(v[1]["luns"].as_array().unwrap().len(), 1, "tgtd's controller LUN 0 is not listed");
+    assert_eq!(
+        v[1]["luns"].as_array().unwrap().len(),
+        1,
+        "tgtd's controller LUN 0 is not listed"
+    );
 
     // Nothing listening: a clear error naming the portal.
     drop(tgtd);
     let out = uniblk(&["scan", &portal]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(err.contains("cannot connect to iSCSI portal") && err.contains("is the iSCSI target (tgtd) running?"), "{err}");
+    assert!(
+        err.contains("cannot connect to iSCSI portal")
+            && err.contains("is the iSCSI target (tgtd) running?"),
+        "{err}"
+    );
 }

@@ -482,15 +482,28 @@ export.ublk = { id = "auto" }
         let p = plan("remote.iscsi = { chap_user = \"u\", chap_secret_env = \"S\", mutual_user = \"t\", mutual_secret_file = \"/etc/t\" }").unwrap();
         let auth = &p[0].remote.iscsi;
         let chap = auth.chap.as_ref().unwrap();
-        assert_eq!((chap.user.as_str(), &chap.secret), ("u", &SecretSource::Env("S".into())));
-        assert_eq!(auth.mutual.as_ref().unwrap().secret, SecretSource::File("/etc/t".into()));
-        let p = plan("remote.iscsi = { chap_user = \"u\", chap_secret = \"inline-secret\" }").unwrap();
+        assert_eq!(
+            (chap.user.as_str(), &chap.secret),
+            ("u", &SecretSource::Env("S".into()))
+        );
+        assert_eq!(
+            auth.mutual.as_ref().unwrap().secret,
+            SecretSource::File("/etc/t".into())
+        );
+        let p =
+            plan("remote.iscsi = { chap_user = \"u\", chap_secret = \"inline-secret\" }").unwrap();
         assert!(!format!("{:?}", p[0].remote).contains("inline-secret"));
         let e = |extra: &str| format!("{:#}", plan(extra).unwrap_err());
         assert!(e("remote.iscsi = { chap_user = \"u\" }").contains("needs a secret"));
-        assert!(e("remote.iscsi = { chap_user = \"u\", chap_secret = \"x\", chap_secret_env = \"E\" }").contains("only one of"));
+        assert!(e(
+            "remote.iscsi = { chap_user = \"u\", chap_secret = \"x\", chap_secret_env = \"E\" }"
+        )
+        .contains("only one of"));
         assert!(e("remote.iscsi = { chap_secret = \"x\" }").contains("no chap_user"));
-        assert!(e("remote.iscsi = { chap_user = \"u\", chap_secret_file = \"rel\" }").contains("absolute"));
+        assert!(
+            e("remote.iscsi = { chap_user = \"u\", chap_secret_file = \"rel\" }")
+                .contains("absolute")
+        );
         assert!(e("remote.iscsi = { chap_usr = \"u\" }").contains("unknown field"));
     }
 

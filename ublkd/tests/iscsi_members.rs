@@ -112,7 +112,11 @@ impl Rig {
     fn stop_clean(&mut self) {
         let status = self.daemon.stop().unwrap();
         let log = self.daemon.log();
-        assert!(status.success(), "ublkd exited with {status}:\n{}", tail(&log, 40));
+        assert!(
+            status.success(),
+            "ublkd exited with {status}:\n{}",
+            tail(&log, 40)
+        );
         assert!(log.contains("array stopped clean"), "{}", tail(&log, 40));
     }
 }
@@ -177,7 +181,10 @@ fn fio_background(uri: &str, per_job: u64, bs: &str) -> JoinHandle<Result<(bool,
 fn wait_written(rig: &Rig, m: usize, bytes: u64, fio: &JoinHandle<Result<(bool, Value)>>) {
     let deadline = Instant::now() + Duration::from_secs(120);
     while rig.counter(m, "bytes_written") < bytes {
-        assert!(!fio.is_finished(), "fio ended before the fault could be injected");
+        assert!(
+            !fio.is_finished(),
+            "fio ended before the fault could be injected"
+        );
         assert!(Instant::now() < deadline, "fio made no progress");
         thread::sleep(Duration::from_millis(10));
     }
@@ -236,7 +243,10 @@ fn assert_members_match(raid1: bool, array: &[u8], members: &[Backing]) {
         for (m, off) in copies {
             let at = (DATA_OFFSET + off) as usize;
             let got = &images[m][at..at + CHUNK as usize];
-            assert!(got == want, "array chunk {c} differs on member {m} at data offset {off}");
+            assert!(
+                got == want,
+                "array chunk {c} differs on member {m} at data offset {off}"
+            );
         }
     }
 }
@@ -245,16 +255,26 @@ fn assert_written(image: &[u8], len: u64) {
     let empty = image[..len as usize]
         .chunks(4096)
         .position(|b| b.iter().all(|&x| x == 0));
-    assert!(empty.is_none(), "block {empty:?} reads as zeroes after fio wrote it");
+    assert!(
+        empty.is_none(),
+        "block {empty:?} reads as zeroes after fio wrote it"
+    );
 }
 
 fn verify_round(rig: &mut Rig, raid1: bool, per_job: u64, bs: &str, members: &[Backing]) {
-    assert_fio_clean(run_fio(&fio_args(&rig.uri(), per_job, bs, false)), per_job, false);
+    assert_fio_clean(
+        run_fio(&fio_args(&rig.uri(), per_job, bs, false)),
+        per_job,
+        false,
+    );
     let st = rig.status();
     for (i, m) in st["members"].as_array().unwrap().iter().enumerate() {
         assert_eq!(m["state"], "healthy", "member {i}: {st:#}");
         assert_eq!(m["errors"], 0, "member {i}: {st:#}");
-        assert!(m["bytes_written"].as_u64().unwrap() > 0, "member {i}: {st:#}");
+        assert!(
+            m["bytes_written"].as_u64().unwrap() > 0,
+            "member {i}: {st:#}"
+        );
     }
     let array = fixtures::nbd_image(&rig.uri()).unwrap_or_else(|e| panic!("{e:#}"));
     assert_eq!(array.len() as u64, st["size"].as_u64().unwrap());
@@ -350,7 +370,12 @@ fn killed_tgtd_faults_the_member_fio_sees_no_error_and_the_member_comes_back() {
     assert_fio_clean(res, per_job, false);
     assert_eq!(rig.member(0)["state"], "healthy");
 
-    let relogins = || rig.daemon.log().matches("iSCSI session re-established").count();
+    let relogins = || {
+        rig.daemon
+            .log()
+            .matches("iSCSI session re-established")
+            .count()
+    };
     let seen = relogins();
     tgtd.restart().unwrap();
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -437,8 +462,10 @@ fn chap_secrets_from_a_file_and_the_environment_stay_out_of_status_and_logs() {
     let local = member_file(&files, "local.img");
     let behind_lun = member_file(&files, "lun.img");
     let mut tgtd = tgtd_with(&[(behind_lun.clone(), 512)]);
-    tgtd.add_chap(1, "ublkd-host", "secret-in-a-file-1", false).unwrap();
-    tgtd.add_chap(1, "the-target", "secret-in-the-env-2", true).unwrap();
+    tgtd.add_chap(1, "ublkd-host", "secret-in-a-file-1", false)
+        .unwrap();
+    tgtd.add_chap(1, "the-target", "secret-in-the-env-2", true)
+        .unwrap();
     let secret_file = files.join("chap.secret");
     std::fs::write(&secret_file, "secret-in-a-file-1\n").unwrap();
     // The daemon inherits the test's environment.
@@ -471,5 +498,8 @@ fn chap_secrets_from_a_file_and_the_environment_stay_out_of_status_and_logs() {
     let f = std::fs::File::open(&behind_lun).unwrap();
     let mut b = vec![0u8; 4 * MIB as usize];
     f.read_exact_at(&mut b, DATA_OFFSET).unwrap();
-    assert!(b.iter().all(|&x| x == 0x77), "the LUN's backing file lacks the data");
+    assert!(
+        b.iter().all(|&x| x == 0x77),
+        "the LUN's backing file lacks the data"
+    );
 }

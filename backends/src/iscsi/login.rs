@@ -318,7 +318,9 @@ impl Exchange<'_> {
             let (h, part) = self.read_response().await?;
             data.extend_from_slice(&part);
             if data.len() > MAX_LOGIN_DATA as usize {
-                return Err(self.peer.protocol("login", "its login response text is too long"));
+                return Err(self
+                    .peer
+                    .protocol("login", "its login response text is too long"));
             }
             if h.flags() & pdu::F_CONTINUE == 0 {
                 let keys = pdu::decode_text(&data).map_err(|w| self.peer.protocol("login", w))?;
@@ -352,7 +354,10 @@ impl Exchange<'_> {
         if h.opcode() != pdu::OP_LOGIN_RSP {
             return Err(self.peer.protocol(
                 "login",
-                format!("it sent a {} instead of a Login Response", pdu::opcode_name(h.opcode())),
+                format!(
+                    "it sent a {} instead of a Login Response",
+                    pdu::opcode_name(h.opcode())
+                ),
             ));
         }
         check_status(self.peer, h.byte(36), h.byte(37), &data)?;
@@ -412,7 +417,12 @@ async fn security(
     };
     keys.push(("AuthMethod", auth));
     let mut reply = x
-        .round(STAGE_SECURITY, STAGE_OPERATIONAL, opts.chap.is_none(), &pdu::encode_text(&keys))
+        .round(
+            STAGE_SECURITY,
+            STAGE_OPERATIONAL,
+            opts.chap.is_none(),
+            &pdu::encode_text(&keys),
+        )
         .await?;
     note_alias(&reply, alias);
     match reply.get("AuthMethod") {
@@ -448,7 +458,9 @@ async fn security(
         if reply.transit && reply.nsg >= STAGE_OPERATIONAL {
             return Ok(());
         }
-        reply = x.round(STAGE_SECURITY, STAGE_OPERATIONAL, true, &[]).await?;
+        reply = x
+            .round(STAGE_SECURITY, STAGE_OPERATIONAL, true, &[])
+            .await?;
     }
     Err(x.peer.protocol("login", "it never left the security stage"))
 }
@@ -461,7 +473,12 @@ async fn chap_exchange(
     mutual: Option<&Chap>,
 ) -> Result<Reply, IscsiError> {
     let r = x
-        .round(STAGE_SECURITY, STAGE_OPERATIONAL, false, &pdu::encode_text(&[("CHAP_A", "5")]))
+        .round(
+            STAGE_SECURITY,
+            STAGE_OPERATIONAL,
+            false,
+            &pdu::encode_text(&[("CHAP_A", "5")]),
+        )
         .await?;
     let bad = |w: &str| x.peer.protocol("CHAP authentication", w.to_string());
     if r.get("CHAP_A") != Some("5") {
@@ -490,7 +507,12 @@ async fn chap_exchange(
         keys.push(("CHAP_C", &c));
     }
     let reply = x
-        .round(STAGE_SECURITY, STAGE_OPERATIONAL, true, &pdu::encode_text(&keys))
+        .round(
+            STAGE_SECURITY,
+            STAGE_OPERATIONAL,
+            true,
+            &pdu::encode_text(&keys),
+        )
         .await?;
     if let Some(m) = mutual {
         verify_mutual(x.peer, &reply, m, our_id, &our_challenge)?;
@@ -659,7 +681,9 @@ fn apply_key(neg: &mut Negotiated, peer: &Peer, k: &str, v: &str) -> Result<(), 
     };
     let yes = v.eq_ignore_ascii_case("Yes");
     match k {
-        "MaxRecvDataSegmentLength" => neg.max_send_segment = num()?.clamp(512, pdu::MAX_DATA_SEGMENT),
+        "MaxRecvDataSegmentLength" => {
+            neg.max_send_segment = num()?.clamp(512, pdu::MAX_DATA_SEGMENT)
+        }
         "MaxBurstLength" => neg.max_burst = num()?.clamp(512, OUR_MAX_BURST),
         "FirstBurstLength" => neg.first_burst = num()?.clamp(512, OUR_MAX_BURST),
         "MaxOutstandingR2T" => neg.max_outstanding_r2t = num()?.max(1),
@@ -706,9 +730,21 @@ fn check_status(peer: &Peer, class: u8, detail: u8, data: &[u8]) -> Result<(), I
             "check the target IQN (uniblk scan iscsi://HOST lists them)",
             ENOENT,
         ),
-        (2, 5) => ("unsupported iSCSI version".into(), "the target is too old", EPROTO),
-        (2, 6) => ("too many connections".into(), "log other initiators out", EAGAIN),
-        (2, 7) => ("a login parameter is missing".into(), "a bug in uniblk", EPROTO),
+        (2, 5) => (
+            "unsupported iSCSI version".into(),
+            "the target is too old",
+            EPROTO,
+        ),
+        (2, 6) => (
+            "too many connections".into(),
+            "log other initiators out",
+            EAGAIN,
+        ),
+        (2, 7) => (
+            "a login parameter is missing".into(),
+            "a bug in uniblk",
+            EPROTO,
+        ),
         (2, d) => (
             format!("initiator error 0x02{d:02x}"),
             "see the target's log",
@@ -769,7 +805,10 @@ mod tests {
         let e = check_status(&p, 2, 3, &[]).unwrap_err();
         assert!(e.to_string().contains("no such target"), "{e}");
         let e = check_status(&p, 1, 1, b"TargetAddress=10.0.0.9:3260,1\0").unwrap_err();
-        assert!(e.to_string().contains("redirected to 10.0.0.9:3260,1"), "{e}");
+        assert!(
+            e.to_string().contains("redirected to 10.0.0.9:3260,1"),
+            "{e}"
+        );
         assert!(check_status(&p, 0, 0, &[]).is_ok());
     }
 

@@ -57,7 +57,10 @@ pub async fn control(
             }
             Outcome::Lost(why) => return Err(format!("the connection died: {why}")),
             Outcome::TimedOut => {
-                return Err(format!("{} got no answer in time", scsi::command_name(&cdb)))
+                return Err(format!(
+                    "{} got no answer in time",
+                    scsi::command_name(&cdb)
+                ))
             }
             Outcome::Failed(why) => return Err(why),
         }

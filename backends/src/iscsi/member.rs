@@ -115,7 +115,9 @@ impl IscsiMember {
         let lun = match lun::probe(&session, deadline).await {
             Ok(l) => l,
             Err(why) => {
-                session.logout(Instant::now() + Duration::from_secs(2)).await;
+                session
+                    .logout(Instant::now() + Duration::from_secs(2))
+                    .await;
                 return Err(lun_error(&url, why));
             }
         };
@@ -560,10 +562,7 @@ impl Shared {
         let name = scsi::command_name(cdb);
         let (why, errno) = match c.sense {
             Some(s) => (s.describe(), s.errno()),
-            None => (
-                format!("status {}", scsi::status_name(c.status)),
-                libc::EIO,
-            ),
+            None => (format!("status {}", scsi::status_name(c.status)), libc::EIO),
         };
         let text = format!(
             "{}: {name} of {len} bytes at offset {offset}: {why}",

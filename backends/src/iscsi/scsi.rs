@@ -51,7 +51,10 @@ fn lba_len(op: u8, flags: u8, lba: u64, blocks: u32) -> Cdb {
     c
 }
 
+/// WRITE(16) byte 1: force unit access.
 const FUA: u8 = 0x08;
+/// WRITE SAME(16) byte 1: the target may unmap the range.
+const UNMAP_BIT: u8 = 0x08;
 
 pub fn read16(lba: u64, blocks: u32) -> Cdb {
     lba_len(OP_READ_16, 0, lba, blocks)
@@ -69,7 +72,7 @@ pub fn sync_cache16() -> Cdb {
 /// WRITE SAME(16) of the one block in the Data-Out buffer; `unmap` lets the target
 /// deallocate the range instead (it must then still read back as that block).
 pub fn write_same16(lba: u64, blocks: u32, unmap: bool) -> Cdb {
-    lba_len(OP_WRITE_SAME_16, if unmap { FUA } else { 0 }, lba, blocks)
+    lba_len(OP_WRITE_SAME_16, if unmap { UNMAP_BIT } else { 0 }, lba, blocks)
 }
 
 /// UNMAP with a parameter list of `list_len` bytes (see [`unmap_list`]).
@@ -437,7 +440,10 @@ mod tests {
         d[8..12].copy_from_slice(&1000u32.to_be_bytes());
         assert_eq!(Capacity::parse(&d), None);
         assert_eq!(Capacity::parse(&d[..8]), None);
-        assert_eq!(vpd_pages(&[0, 0, 0, 3, 0, 0xb0, 0xb2, 0xff]), vec![0, 0xb0, 0xb2]);
+        assert_eq!(
+            vpd_pages(&[0, 0, 0, 3, 0, 0xb0, 0xb2, 0xff]),
+            vec![0, 0xb0, 0xb2]
+        );
         assert_eq!(vpd_pages(&[0, 0, 0, 9, 0]), vec![0]);
         let mut b2 = [0u8; 8];
         b2[5] = 0xc0;

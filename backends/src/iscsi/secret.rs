@@ -42,7 +42,9 @@ impl SecretSource {
             })?,
         };
         if s.is_empty() {
-            return Err(IscsiError::Secret(format!("the secret from {self:?} is empty")));
+            return Err(IscsiError::Secret(format!(
+                "the secret from {self:?} is empty"
+            )));
         }
         Ok(s)
     }
@@ -50,9 +52,13 @@ impl SecretSource {
 
 fn read_file(p: &std::path::Path) -> Result<String, IscsiError> {
     let fail = |why: String| IscsiError::Secret(format!("{}: {why}", p.display()));
-    let meta = std::fs::metadata(p).map_err(|e| fail(format!("{e}; create it or fix the layout")))?;
+    let meta =
+        std::fs::metadata(p).map_err(|e| fail(format!("{e}; create it or fix the layout")))?;
     if meta.len() > MAX_SECRET {
-        return Err(fail(format!("{} bytes is too long for a CHAP secret", meta.len())));
+        return Err(fail(format!(
+            "{} bytes is too long for a CHAP secret",
+            meta.len()
+        )));
     }
     let text = std::fs::read_to_string(p).map_err(|e| fail(e.to_string()))?;
     let text = text.strip_suffix('\n').unwrap_or(&text);
@@ -93,15 +99,25 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("s");
         std::fs::write(&f, "from-file-secret\n").unwrap();
-        assert_eq!(SecretSource::File(f.clone()).resolve().unwrap(), "from-file-secret");
+        assert_eq!(
+            SecretSource::File(f.clone()).resolve().unwrap(),
+            "from-file-secret"
+        );
         std::env::set_var("UNIBLK_TEST_CHAP_SECRET", "from-env-secret");
         let env = SecretSource::Env("UNIBLK_TEST_CHAP_SECRET".into());
         assert_eq!(env.resolve().unwrap(), "from-env-secret");
         let inline = SecretSource::Inline("inline-secret".into());
         assert_eq!(format!("{inline:?}"), "Inline(***)");
-        let e = SecretSource::Env("UNIBLK_TEST_UNSET_VAR".into()).resolve().unwrap_err();
-        assert!(e.to_string().contains("UNIBLK_TEST_UNSET_VAR is not set"), "{e}");
-        let e = SecretSource::File(dir.path().join("none")).resolve().unwrap_err();
+        let e = SecretSource::Env("UNIBLK_TEST_UNSET_VAR".into())
+            .resolve()
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("UNIBLK_TEST_UNSET_VAR is not set"),
+            "{e}"
+        );
+        let e = SecretSource::File(dir.path().join("none"))
+            .resolve()
+            .unwrap_err();
         assert!(e.to_string().contains("create it"), "{e}");
     }
 }

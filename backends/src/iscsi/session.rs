@@ -80,7 +80,11 @@ pub enum Outcome {
 
 enum Event {
     /// Send `len` bytes from `offset` of the command's data, under transfer tag `ttt`.
-    R2t { ttt: u32, offset: u32, len: u32 },
+    R2t {
+        ttt: u32,
+        offset: u32,
+        len: u32,
+    },
     Done(Completion),
     Rejected(String),
 }
@@ -307,8 +311,15 @@ impl Session {
             .await?;
         if unsolicited > immediate {
             // InitialR2T=No: the rest of the first burst goes out without waiting.
-            self.write_data_out(&mut w.w, itt, RESERVED_TAG, data, immediate, unsolicited - immediate)
-                .await?;
+            self.write_data_out(
+                &mut w.w,
+                itt,
+                RESERVED_TAG,
+                data,
+                immediate,
+                unsolicited - immediate,
+            )
+            .await?;
         }
         Ok(())
     }
@@ -369,7 +380,8 @@ impl Session {
         let mut w = self.writer.lock().await;
         // SAFETY: as in send_command.
         let data = unsafe { out.as_slice() };
-        self.write_data_out(&mut w.w, itt, ttt, data, offset, len).await
+        self.write_data_out(&mut w.w, itt, ttt, data, offset, len)
+            .await
     }
 
     /// Data-Out PDUs of at most the target's segment size for `[offset, offset+len)`.
@@ -583,11 +595,7 @@ impl Session {
             });
     }
 
-    async fn on_data_in(
-        &self,
-        r: &mut BufReader<OwnedReadHalf>,
-        h: &Bhs,
-    ) -> Result<(), ReadError> {
+    async fn on_data_in(&self, r: &mut BufReader<OwnedReadHalf>, h: &Bhs) -> Result<(), ReadError> {
         let d = self.neg.digests;
         let (len, offset, itt) = (h.data_len(), h.u32_at(40), h.itt());
         if len > OUR_MAX_RECV {
@@ -632,7 +640,10 @@ impl Session {
         // Byte 2 is the iSCSI response: non-zero means the target failed the command
         // before SCSI status applied.
         if h.byte(2) != 0 {
-            self.reject(h.itt(), format!("iSCSI response {:#04x} (target failure)", h.byte(2)));
+            self.reject(
+                h.itt(),
+                format!("iSCSI response {:#04x} (target failure)", h.byte(2)),
+            );
             return;
         }
         let sense = if data.len() >= 2 {
@@ -696,9 +707,7 @@ impl Session {
     /// at once instead of waiting for the target to drop us).
     fn on_async(&self, h: &Bhs) -> Result<(), ReadError> {
         match h.byte(36) {
-            1 => Err(ReadError::Protocol(
-                "the target asked us to log out".into(),
-            )),
+            1 => Err(ReadError::Protocol("the target asked us to log out".into())),
             2 | 3 => Err(ReadError::Protocol(
                 "the target is dropping the connection".into(),
             )),

@@ -162,8 +162,8 @@ mod tests {
 
     #[test]
     fn full_url() {
-        let u = IscsiUrl::parse("iscsi://alice%s3cret@10.0.0.2:3261/iqn.2003-01.org.x:t1/2")
-            .unwrap();
+        let u =
+            IscsiUrl::parse("iscsi://alice%s3cret@10.0.0.2:3261/iqn.2003-01.org.x:t1/2").unwrap();
         assert_eq!(u.host, "10.0.0.2");
         assert_eq!(u.port, 3261);
         assert_eq!(u.target, "iqn.2003-01.org.x:t1");
