@@ -569,3 +569,75 @@ async fn addresses_open_with_chap_from_a_file_or_the_environment() {
     })
     .await;
 }
+
+/// A portal that accepts and then says nothing, or says nonsense: the open ends within
+/// its bound with an error naming the portal, never a hang or a panic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_or_garbage_portals_fail_cleanly() {
+    use std::io::Write;
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let garbage = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let (sp, gp) = (
+        silent.local_addr().unwrap().port(),
+        garbage.local_addr().unwrap().port(),
+    );
+    std::thread::spawn(move || {
+        let held: Vec<_> = silent.incoming().take(1).collect();
+        std::thread::sleep(Duration::from_secs(10));
+        drop(held);
+    });
+    std::thread::spawn(move || {
+        for mut c in garbage.incoming().take(2).flatten() {
+            // A "Login Response" claiming a 16 MiB text segment.
+            let mut b = [0xffu8; 48];
+            b[0] = 0x23;
+            b[4] = 0; // no AHS
+            let _ = c.write_all(&b);
+        }
+    });
+    let mut o = options();
+    o.login.connect_timeout = Duration::from_secs(1);
+    let url = format!("iscsi://127.0.0.1:{sp}/{IQN}/1");
+    let e = bounded(10, IscsiMember::open(&url, o.clone()))
+        .await
+        .err()
+        .unwrap();
+    assert!(matches!(e, IscsiError::Timeout { .. }), "{e}");
+    assert!(e.to_string().contains(&format!("127.0.0.1:{sp}")), "{e}");
+    let url = format!("iscsi://127.0.0.1:{gp}/{IQN}/1");
+    let e = bounded(10, IscsiMember::open(&url, o)).await.err().unwrap();
+    assert!(matches!(e, IscsiError::Protocol { .. }), "{e}");
+    assert!(e.to_string().contains("exceeds"), "{e}");
+}
+
+/// A target that keeps the connection but stops answering (SIGSTOP): the command fails
+/// with Timeout close to its deadline; once the target runs again (SIGCONT) the member
+/// logs in anew and serves I/O.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_target_times_out_then_recovers() {
+    if !fixtures::require("tgtd") {
+        return;
+    }
+    let lun = Lun::start(16 * MIB, 512, false);
+    let mut o = options();
+    o.timeout = Duration::from_secs(1);
+    o.heartbeat = Duration::from_secs(3600);
+    let m = bounded(30, IscsiMember::open(&lun.url(), o)).await.unwrap();
+    let pid = lun.tgtd.pid().unwrap() as i32;
+    // SAFETY: signalling the tgtd this test started.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let start = std::time::Instant::now();
+    let r = bounded(10, read(&m, 0, 4096)).await;
+    let took = start.elapsed();
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    let e = r.unwrap_err();
+    assert!(matches!(e, IoError::Timeout(_)), "{e}");
+    assert!(e.to_string().contains("READ(16)"), "{e}");
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(3),
+        "timed out after {took:?} for a 1 s deadline"
+    );
+    bounded(30, write_read_back(&m, &lun.image(), 81)).await;
+    assert!(m.status().reconnects >= 1, "{:?}", m.status());
+    m.close();
+}

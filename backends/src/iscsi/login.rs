@@ -571,7 +571,8 @@ fn encode_hex(b: &[u8]) -> String {
 /// `0x...` hex (what targets send). At most 1024 bytes.
 fn decode_hex(s: &str) -> Option<Vec<u8>> {
     let h = s.strip_prefix("0x").or_else(|| s.strip_prefix("0X"))?;
-    if h.is_empty() || h.len() % 2 != 0 || h.len() > 2048 {
+    // ASCII only: the slicing below must stay on character boundaries.
+    if h.is_empty() || !h.is_ascii() || h.len() % 2 != 0 || h.len() > 2048 {
         return None;
     }
     (0..h.len())
@@ -785,7 +786,7 @@ mod tests {
     fn hex_round_trip_and_refusals() {
         assert_eq!(decode_hex("0x00ff10"), Some(vec![0, 255, 16]));
         assert_eq!(decode_hex(&encode_hex(&[1, 2, 3])), Some(vec![1, 2, 3]));
-        for bad in ["00ff", "0x0", "0x", "0xzz"] {
+        for bad in ["00ff", "0x0", "0x", "0xzz", "0xa\u{e9}b"] {
             assert_eq!(decode_hex(bad), None, "{bad}");
         }
     }

@@ -31,6 +31,23 @@ const READ_AHEAD: usize = 64 << 10;
 /// SCSI Response data (sense) beyond this is a protocol violation.
 const MAX_RESPONSE_DATA: u32 = OUR_MAX_RECV;
 
+/// How often deadlines of commands in flight are checked: how late a timeout may fire.
+const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// Why a command could not be sent.
+enum SendError {
+    /// The deadline passed while the target's window stayed closed.
+    Late,
+    /// The connection is gone (why).
+    Dead(String),
+}
+
+impl From<String> for SendError {
+    fn from(why: String) -> Self {
+        SendError::Dead(why)
+    }
+}
+
 /// One SCSI command to run.
 #[derive(Debug, Clone, Copy)]
 pub struct Command {
@@ -87,9 +104,13 @@ enum Event {
     },
     Done(Completion),
     Rejected(String),
+    /// The sweeper found the command past its deadline.
+    Expired,
 }
 
 struct Pending {
+    /// Checked by the sweeper (one timer per session, not one per command).
+    deadline: Instant,
     data_in: Option<IoBuf>,
     /// Data-In bytes received so far (in order: DataPDUInOrder=Yes).
     received: u64,
@@ -158,6 +179,7 @@ impl Session {
             commands: AtomicU64::new(0),
         });
         tokio::spawn(s.clone().reader(BufReader::with_capacity(READ_AHEAD, r)));
+        tokio::spawn(Session::sweep(Arc::downgrade(&s)));
         Ok(s)
     }
 
@@ -235,30 +257,26 @@ impl Session {
     async fn execute_inner(&self, cmd: &Command, deadline: Instant) -> Outcome {
         let itt = self.new_itt();
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let sent = tokio::time::timeout_at(deadline, self.send_command(cmd, itt, tx)).await;
-        match sent {
-            Err(_) => return Outcome::TimedOut,
-            Ok(Err(why)) => return Outcome::Lost(why),
-            Ok(Ok(())) => {}
+        // No timer here: once registered, the sweeper enforces the deadline.
+        match self.send_command(cmd, itt, tx, deadline).await {
+            Err(SendError::Late) => return Outcome::TimedOut,
+            Err(SendError::Dead(why)) => return Outcome::Lost(why),
+            Ok(()) => {}
         }
         loop {
-            let ev = match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Err(_) => return Outcome::TimedOut,
-                Ok(None) => return Outcome::Lost(self.death().unwrap_or_default()),
-                Ok(Some(ev)) => ev,
+            let Some(ev) = rx.recv().await else {
+                return Outcome::Lost(self.death().unwrap_or_default());
             };
             match ev {
                 Event::Done(c) => return Outcome::Done(c),
                 Event::Rejected(why) => return Outcome::Failed(why),
+                Event::Expired => return Outcome::TimedOut,
                 Event::R2t { ttt, offset, len } => {
                     let Some(out) = cmd.data_out else {
                         return Outcome::Failed("an R2T for a command with no data to send".into());
                     };
-                    let send = self.send_data_out(itt, ttt, out, offset, len);
-                    match tokio::time::timeout_at(deadline, send).await {
-                        Err(_) => return Outcome::TimedOut,
-                        Ok(Err(why)) => return Outcome::Lost(why),
-                        Ok(Ok(())) => {}
+                    if let Err(why) = self.send_data_out(itt, ttt, out, offset, len).await {
+                        return Outcome::Lost(why);
                     }
                 }
             }
@@ -272,8 +290,9 @@ impl Session {
         cmd: &Command,
         itt: u32,
         events: mpsc::UnboundedSender<Event>,
-    ) -> Result<(), String> {
-        let mut w = self.writer_in_window().await?;
+        deadline: Instant,
+    ) -> Result<(), SendError> {
+        let mut w = self.writer_in_window(deadline).await?;
         let mut b = Bhs::new(pdu::OP_SCSI_CMD);
         let mut flags = pdu::ATTR_SIMPLE;
         if cmd.data_in.is_some() {
@@ -296,6 +315,7 @@ impl Session {
         self.lock_table().insert(
             itt,
             Pending {
+                deadline,
                 data_in: cmd.data_in,
                 received: 0,
                 events,
@@ -341,13 +361,17 @@ impl Session {
         (immediate, unsolicited)
     }
 
-    /// The writer, once CmdSN lies inside the target's window.
-    async fn writer_in_window(&self) -> Result<tokio::sync::MutexGuard<'_, Writer>, String> {
+    /// The writer, once CmdSN lies inside the target's window; a closed window is waited
+    /// for until `deadline` (only then is a timer set).
+    async fn writer_in_window(
+        &self,
+        deadline: Instant,
+    ) -> Result<tokio::sync::MutexGuard<'_, Writer>, SendError> {
         let mut win = self.window.subscribe();
         let mut dead = self.dead.subscribe();
         loop {
             if let Some(why) = self.death() {
-                return Err(why);
+                return Err(SendError::Dead(why));
             }
             let w = self.writer.lock().await;
             let open = pdu::sn_le(w.cmd_sn, win.borrow_and_update().max_cmd_sn);
@@ -355,9 +379,14 @@ impl Session {
                 return Ok(w);
             }
             drop(w);
-            tokio::select! {
-                _ = win.changed() => {}
-                _ = dead.changed() => {}
+            let wait = async {
+                tokio::select! {
+                    _ = win.changed() => {}
+                    _ = dead.changed() => {}
+                }
+            };
+            if tokio::time::timeout_at(deadline, wait).await.is_err() {
+                return Err(SendError::Late);
             }
         }
     }
@@ -442,6 +471,7 @@ impl Session {
         self.lock_table().insert(
             itt,
             Pending {
+                deadline,
                 data_in: None,
                 received: 0,
                 events: tx,
@@ -459,6 +489,7 @@ impl Session {
             Ok(Ok(())) => match tokio::time::timeout_at(deadline, rx.recv()).await {
                 Err(_) => Err("no NOP-In answered our NOP-Out in time".to_string()),
                 Ok(None) => Err(self.death().unwrap_or_default()),
+                Ok(Some(Event::Expired)) => Err("no NOP-In answered our NOP-Out in time".into()),
                 Ok(Some(_)) => Ok(()),
             },
         };
@@ -487,6 +518,7 @@ impl Session {
         self.lock_table().insert(
             itt,
             Pending {
+                deadline,
                 data_in: None,
                 received: 0,
                 events: tx,
@@ -501,6 +533,22 @@ impl Session {
         }
         self.kill("logged out");
         self.closed().await;
+    }
+
+    /// Every [`SWEEP_EVERY`], tell commands past their deadline so (their callers then
+    /// end the connection). Ends with the session.
+    async fn sweep(me: Weak<Session>) {
+        loop {
+            tokio::time::sleep(SWEEP_EVERY).await;
+            let Some(s) = me.upgrade() else { return };
+            if s.is_dead() {
+                return;
+            }
+            let now = Instant::now();
+            for p in s.lock_table().values().filter(|p| p.deadline <= now) {
+                let _ = p.events.send(Event::Expired);
+            }
+        }
     }
 
     // ---- the reader ---------------------------------------------------------------
