@@ -72,7 +72,12 @@ pub fn sync_cache16() -> Cdb {
 /// WRITE SAME(16) of the one block in the Data-Out buffer; `unmap` lets the target
 /// deallocate the range instead (it must then still read back as that block).
 pub fn write_same16(lba: u64, blocks: u32, unmap: bool) -> Cdb {
-    lba_len(OP_WRITE_SAME_16, if unmap { UNMAP_BIT } else { 0 }, lba, blocks)
+    lba_len(
+        OP_WRITE_SAME_16,
+        if unmap { UNMAP_BIT } else { 0 },
+        lba,
+        blocks,
+    )
 }
 
 /// UNMAP with a parameter list of `list_len` bytes (see [`unmap_list`]).
