@@ -148,7 +148,8 @@ pub enum OpenError {
     #[error("member {addr}: {error}")]
     Iscsi {
         addr: String,
-        error: crate::iscsi::IscsiError,
+        /// Boxed: iSCSI errors carry several names and would bloat every OpenError.
+        error: Box<crate::iscsi::IscsiError>,
     },
 }
 
@@ -472,7 +473,7 @@ pub async fn open_with(
 async fn open_iscsi(text: &str, remote: &RemoteOptions) -> Result<Arc<dyn Member>, OpenError> {
     let fail = |error| OpenError::Iscsi {
         addr: crate::iscsi::redact_text(text),
-        error,
+        error: Box::new(error),
     };
     let mut opts = crate::iscsi::IscsiOptions {
         timeout: remote.timeout,
