@@ -641,3 +641,86 @@ async fn stalled_target_times_out_then_recovers() {
     assert!(m.status().reconnects >= 1, "{:?}", m.status());
     m.close();
 }
+
+/// tgtd told to take unsolicited data (InitialR2T=No, a 128 KiB first burst, 64 KiB
+/// segments) and to queue only 4 commands (a narrow CmdSN window): writes of every size
+/// mix immediate data, unsolicited Data-Out and R2T-driven bursts, 32 tasks wait for
+/// window room, and everything reads back, also from the file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsolicited_data_and_a_narrow_command_window() {
+    if !fixtures::require("tgtd") {
+        return;
+    }
+    let mut lun = Lun::start(64 * MIB, 512, false);
+    for (k, v) in [
+        ("InitialR2T", "No"),
+        ("FirstBurstLength", "131072"),
+        ("MaxRecvDataSegmentLength", "65536"),
+        ("MaxXmitDataSegmentLength", "65536"),
+        ("MaxQueueCmd", "4"),
+    ] {
+        lun.tgtd.set_param(1, k, v).unwrap();
+    }
+    bounded(120, async {
+        let m = Arc::new(open(&lun.url()).await);
+        let st = m.status();
+        assert!(!st.initial_r2t && st.immediate_data, "{st:?}");
+        assert_eq!(
+            (st.first_burst, st.max_send_segment),
+            (131072, 65536),
+            "{st:?}"
+        );
+        write_read_back(&m, &lun.image(), 91).await;
+        let tasks: Vec<_> = (0..32u64)
+            .map(|i| {
+                let m = m.clone();
+                tokio::spawn(async move {
+                    // 512 B .. 1 MiB: under, at and over the first burst.
+                    let len = 512usize << (i % 12);
+                    let offset = i * 2 * MIB;
+                    let mut d = pattern(900 + i, offset, len);
+                    write(&m, offset, &mut d, false).await.unwrap();
+                    let back = read(&m, offset, len as u64).await.unwrap();
+                    verify_pattern(900 + i, offset, &back).unwrap();
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        no_data(&m, Op::Flush, 0, 0).await.unwrap();
+        for i in 0..32u64 {
+            let len = 512usize << (i % 12);
+            let b = file_bytes(&lun.image(), i * 2 * MIB, len);
+            verify_pattern(900 + i, i * 2 * MIB, &b).unwrap();
+        }
+        m.close();
+    })
+    .await;
+}
+
+/// close() logs out: tgtd then lists no session (I_T nexus) for the target.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_logs_out() {
+    if !fixtures::require("tgtd") {
+        return;
+    }
+    let lun = Lun::start(16 * MIB, 512, false);
+    let nexus = || {
+        let show = lun.tgtd.adm(&["--op", "show", "--mode", "target"]).unwrap();
+        show.matches("I_T nexus: ").count()
+    };
+    let m = bounded(30, open(&lun.url())).await;
+    assert_eq!(nexus(), 1, "one session while open");
+    m.close();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while nexus() != 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the session outlived close(); tgtd:\n{}\n{}",
+            lun.tgtd.log(),
+            lun.tgtd.adm(&["--op", "show", "--mode", "target"]).unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

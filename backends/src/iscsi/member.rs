@@ -351,13 +351,23 @@ impl Member for IscsiMember {
         if self.closed.swap(true, Ordering::AcqRel) {
             return;
         }
+        // Take the session before telling the supervisor, which drops its hold on it.
+        let session = self
+            .shared
+            .session
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
         self.shared.closed.send_replace(true);
-        if let Some(s) = self.shared.current() {
+        if let Some(s) = session {
             // Logout needs the runtime; without one the socket just closes.
-            if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                rt.spawn(async move { s.logout(Instant::now() + Duration::from_secs(2)).await });
-            } else {
-                s.kill("member closed");
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => {
+                    rt.spawn(
+                        async move { s.logout(Instant::now() + Duration::from_secs(2)).await },
+                    );
+                }
+                Err(_) => s.kill("member closed"),
             }
         }
         tracing::info!(member = %self.shared.address, "iSCSI member closed");
