@@ -3,6 +3,13 @@
 //! the target grants (ExpCmdSN..MaxCmdSN), answered by Data-In / SCSI Response PDUs that
 //! a single reader task routes by tag, with R2T-driven Data-Out for writes.
 //!
+//! Sending: small PDUs (commands without data or with up to 16 KiB of it, NOP-Outs) are
+//! encoded into one send queue under a lock that also hands out CmdSNs, so the wire order
+//! is the CmdSN order; whoever finds the queue idle writes it out, picking up what others
+//! queue meanwhile (commands that arrive together leave in one write). Larger PDUs take
+//! the socket, write what was queued before them, then their data from the caller's
+//! buffer.
+//!
 //! Buffers: a READ's Data-In goes from the socket straight into the caller's [`IoBuf`]
 //! (through a small read-ahead buffer for headers). The reader may write into a
 //! command's buffer for as long as the command is in the task table. A caller leaves
@@ -30,6 +37,10 @@ use super::scsi::{Cdb, Sense};
 const READ_AHEAD: usize = 64 << 10;
 /// SCSI Response data (sense) beyond this is a protocol violation.
 const MAX_RESPONSE_DATA: u32 = OUR_MAX_RECV;
+
+/// PDUs with more data than this are written straight from the caller's buffer; smaller
+/// ones are copied into the send queue and leave with their neighbours.
+const INLINE_MAX: u32 = 16 << 10;
 
 /// How often deadlines of commands in flight are checked: how late a timeout may fire.
 const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_millis(50);
@@ -123,8 +134,19 @@ struct Window {
     max_cmd_sn: u32,
 }
 
+/// The socket's sending side, held by whoever writes: the flusher of the queue, or a
+/// sender of a large PDU straight from its buffer.
 struct Writer {
     w: OwnedWriteHalf,
+}
+
+/// Small PDUs waiting to be written, in CmdSN order. Whoever queues into an idle queue
+/// becomes its flusher and writes everything queued (its own and what others add
+/// meanwhile) in as few writes as it can; the others return at once. `flushing` is only
+/// cleared under the lock after the queue was seen empty, so nothing queued is stranded.
+struct Tx {
+    buf: Vec<u8>,
+    flushing: bool,
     /// The CmdSN the next non-immediate command takes.
     cmd_sn: u32,
 }
@@ -136,6 +158,7 @@ pub struct Session {
     pub neg: Negotiated,
     pub alias: Option<String>,
     writer: tokio::sync::Mutex<Writer>,
+    tx: Mutex<Tx>,
     /// A duplicate of the socket, only to shut it down from anywhere.
     killer: socket2::Socket,
     table: Mutex<HashMap<u32, Pending>>,
@@ -161,8 +184,10 @@ impl Session {
             lun,
             neg: l.neg,
             alias: l.alias,
-            writer: tokio::sync::Mutex::new(Writer {
-                w,
+            writer: tokio::sync::Mutex::new(Writer { w }),
+            tx: Mutex::new(Tx {
+                buf: Vec::with_capacity(64 << 10),
+                flushing: false,
                 cmd_sn: l.neg.cmd_sn,
             }),
             killer,
@@ -284,7 +309,8 @@ impl Session {
     }
 
     /// Wait for room in the command window, register the command and send it (with
-    /// immediate and unsolicited data as negotiated), all in CmdSN order.
+    /// immediate and unsolicited data as negotiated), all in CmdSN order: small ones
+    /// through the send queue, large ones straight from their buffer.
     async fn send_command(
         &self,
         cmd: &Command,
@@ -292,7 +318,7 @@ impl Session {
         events: mpsc::UnboundedSender<Event>,
         deadline: Instant,
     ) -> Result<(), SendError> {
-        let mut w = self.writer_in_window(deadline).await?;
+        let (immediate, unsolicited) = self.unsolicited(cmd);
         let mut b = Bhs::new(pdu::OP_SCSI_CMD);
         let mut flags = pdu::ATTR_SIMPLE;
         if cmd.data_in.is_some() {
@@ -301,47 +327,163 @@ impl Session {
         if cmd.data_out.is_some() {
             flags |= pdu::F_WRITE;
         }
-        b.set_lun(self.lun);
-        b.set_itt(itt);
-        b.set_u32(20, cmd.expected_len());
-        b.set_u32(24, w.cmd_sn);
-        b.set_u32(28, self.exp_stat_sn.load(Ordering::Acquire));
-        b.0[32..48].copy_from_slice(&cmd.cdb);
-        let (immediate, unsolicited) = self.unsolicited(cmd);
         if unsolicited == immediate {
             flags |= pdu::F_FINAL;
         }
         b.set_flags(flags);
-        self.lock_table().insert(
-            itt,
-            Pending {
-                deadline,
-                data_in: cmd.data_in,
-                received: 0,
-                events,
-            },
-        );
-        w.cmd_sn = w.cmd_sn.wrapping_add(1);
-        self.commands.fetch_add(1, Ordering::Relaxed);
+        b.set_lun(self.lun);
+        b.set_itt(itt);
+        b.set_u32(20, cmd.expected_len());
+        b.0[32..48].copy_from_slice(&cmd.cdb);
         let out = cmd.data_out.unwrap_or(IoBuf::empty());
         // SAFETY: the issuer keeps the buffer alive until execute returns (IoBuf rules).
         let data = unsafe { out.as_slice() };
+        let pending = Pending {
+            deadline,
+            data_in: cmd.data_in,
+            received: 0,
+            events,
+        };
+        let first = &data[..immediate as usize];
+        if immediate <= INLINE_MAX && unsolicited == immediate {
+            return self.queue_command(b, first, itt, pending, deadline).await;
+        }
+        // Large: hold the wire, take a CmdSN, write what is queued before it, then ours.
+        let mut pending = Some(pending);
+        let (mut w, queued) = loop {
+            let w = self.writer.lock().await;
+            match self.take_cmd_sn(&mut b, itt, &mut pending)? {
+                Some(queued) => break (w, queued),
+                None => {
+                    drop(w);
+                    self.wait_window(deadline).await?;
+                }
+            }
+        };
         let d = self.neg.digests;
-        self.write_pdu(&mut w.w, &mut b, &data[..immediate as usize], d)
-            .await?;
+        self.write_raw(&mut w.w, &queued).await?;
+        self.write_pdu(&mut w.w, &mut b, first, d).await?;
         if unsolicited > immediate {
             // InitialR2T=No: the rest of the first burst goes out without waiting.
-            self.write_data_out(
-                &mut w.w,
-                itt,
-                RESERVED_TAG,
-                data,
-                immediate,
-                unsolicited - immediate,
-            )
-            .await?;
+            let rest = unsolicited - immediate;
+            self.write_data_out(&mut w.w, itt, RESERVED_TAG, data, immediate, rest)
+                .await?;
         }
         Ok(())
+    }
+
+    /// Queue a small command once the window has room; flush if the queue was idle.
+    async fn queue_command(
+        &self,
+        mut b: Bhs,
+        data: &[u8],
+        itt: u32,
+        pending: Pending,
+        deadline: Instant,
+    ) -> Result<(), SendError> {
+        let mut pending = Some(pending);
+        loop {
+            let lead = {
+                let mut tx = self.lock_tx();
+                if let Some(why) = self.death() {
+                    return Err(SendError::Dead(why));
+                }
+                if !pdu::sn_le(tx.cmd_sn, self.window.borrow().max_cmd_sn) {
+                    None
+                } else {
+                    b.set_u32(24, tx.cmd_sn);
+                    b.set_u32(28, self.exp_stat_sn.load(Ordering::Acquire));
+                    tx.cmd_sn = tx.cmd_sn.wrapping_add(1);
+                    if let Some(p) = pending.take() {
+                        self.lock_table().insert(itt, p);
+                    }
+                    self.commands.fetch_add(1, Ordering::Relaxed);
+                    push_pdu(&mut tx.buf, &mut b, data, self.neg.digests);
+                    Some(!std::mem::replace(&mut tx.flushing, true))
+                }
+            };
+            match lead {
+                Some(true) => return Ok(self.flush().await?),
+                Some(false) => return Ok(()),
+                None => self.wait_window(deadline).await?,
+            }
+        }
+    }
+
+    /// Under the queue lock: if the window has room, give `b` the next CmdSN, register
+    /// the command and hand back what was queued before it (to be written first).
+    fn take_cmd_sn(
+        &self,
+        b: &mut Bhs,
+        itt: u32,
+        pending: &mut Option<Pending>,
+    ) -> Result<Option<Vec<u8>>, SendError> {
+        let mut tx = self.lock_tx();
+        if let Some(why) = self.death() {
+            return Err(SendError::Dead(why));
+        }
+        if !pdu::sn_le(tx.cmd_sn, self.window.borrow().max_cmd_sn) {
+            return Ok(None);
+        }
+        b.set_u32(24, tx.cmd_sn);
+        b.set_u32(28, self.exp_stat_sn.load(Ordering::Acquire));
+        tx.cmd_sn = tx.cmd_sn.wrapping_add(1);
+        if let Some(p) = pending.take() {
+            self.lock_table().insert(itt, p);
+        }
+        self.commands.fetch_add(1, Ordering::Relaxed);
+        Ok(Some(std::mem::take(&mut tx.buf)))
+    }
+
+    /// Write out the queue until it is empty, then give up the flusher role.
+    async fn flush(&self) -> Result<(), String> {
+        let mut w = self.writer.lock().await;
+        let mut local = Vec::new();
+        loop {
+            {
+                let mut tx = self.lock_tx();
+                if tx.buf.is_empty() {
+                    tx.flushing = false;
+                    if tx.buf.capacity() < local.capacity() {
+                        // Keep the larger allocation for next time.
+                        tx.buf = local;
+                    }
+                    return Ok(());
+                }
+                std::mem::swap(&mut tx.buf, &mut local);
+            }
+            let r = self.write_raw(&mut w.w, &local).await;
+            local.clear();
+            if let Err(e) = r {
+                self.lock_tx().flushing = false;
+                return Err(e);
+            }
+        }
+    }
+
+    fn lock_tx(&self) -> MutexGuard<'_, Tx> {
+        self.tx.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Wait until the target's window moves (or the connection dies), until `deadline`.
+    async fn wait_window(&self, deadline: Instant) -> Result<(), SendError> {
+        let mut win = self.window.subscribe();
+        let mut dead = self.dead.subscribe();
+        let max = self.window.borrow().max_cmd_sn;
+        let cmd_sn = self.lock_tx().cmd_sn;
+        if pdu::sn_le(cmd_sn, max) {
+            return Ok(());
+        }
+        let wait = async {
+            tokio::select! {
+                _ = win.changed() => {}
+                _ = dead.changed() => {}
+            }
+        };
+        match tokio::time::timeout_at(deadline, wait).await {
+            Ok(()) => Ok(()),
+            Err(_) => Err(SendError::Late),
+        }
     }
 
     /// (bytes sent as immediate data, bytes sent without an R2T in all).
@@ -359,36 +501,6 @@ impl Session {
         };
         let unsolicited = if n.initial_r2t { immediate } else { burst };
         (immediate, unsolicited)
-    }
-
-    /// The writer, once CmdSN lies inside the target's window; a closed window is waited
-    /// for until `deadline` (only then is a timer set).
-    async fn writer_in_window(
-        &self,
-        deadline: Instant,
-    ) -> Result<tokio::sync::MutexGuard<'_, Writer>, SendError> {
-        let mut win = self.window.subscribe();
-        let mut dead = self.dead.subscribe();
-        loop {
-            if let Some(why) = self.death() {
-                return Err(SendError::Dead(why));
-            }
-            let w = self.writer.lock().await;
-            let open = pdu::sn_le(w.cmd_sn, win.borrow_and_update().max_cmd_sn);
-            if open {
-                return Ok(w);
-            }
-            drop(w);
-            let wait = async {
-                tokio::select! {
-                    _ = win.changed() => {}
-                    _ = dead.changed() => {}
-                }
-            };
-            if tokio::time::timeout_at(deadline, wait).await.is_err() {
-                return Err(SendError::Late);
-            }
-        }
     }
 
     async fn send_data_out(
@@ -464,6 +576,17 @@ impl Session {
             })
     }
 
+    async fn write_raw(&self, w: &mut OwnedWriteHalf, bytes: &[u8]) -> Result<(), String> {
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        w.write_all(bytes).await.map_err(|e| {
+            let why = format!("cannot send to the target: {e}");
+            self.kill(&why);
+            why
+        })
+    }
+
     /// NOP-Out ping; Ok once the target's NOP-In answers it.
     pub async fn ping(&self, deadline: Instant) -> Result<(), String> {
         let itt = self.new_itt();
@@ -500,11 +623,20 @@ impl Session {
     /// Send an immediate PDU (NOP-Out, Logout): it carries the current CmdSN without
     /// taking it.
     async fn send_immediate(&self, mut b: Bhs) -> Result<(), String> {
-        let mut w = self.writer.lock().await;
-        b.set_u32(24, w.cmd_sn);
-        b.set_u32(28, self.exp_stat_sn.load(Ordering::Acquire));
-        self.write_pdu(&mut w.w, &mut b, &[], self.neg.digests)
-            .await
+        let lead = {
+            let mut tx = self.lock_tx();
+            if let Some(why) = self.death() {
+                return Err(why);
+            }
+            b.set_u32(24, tx.cmd_sn);
+            b.set_u32(28, self.exp_stat_sn.load(Ordering::Acquire));
+            push_pdu(&mut tx.buf, &mut b, &[], self.neg.digests);
+            !std::mem::replace(&mut tx.flushing, true)
+        };
+        if lead {
+            self.flush().await?;
+        }
+        Ok(())
     }
 
     /// Log out (close the session) and end the connection, waiting at most until
@@ -786,6 +918,16 @@ impl Session {
     fn self_arc(&self) -> Option<Arc<Session>> {
         self.me.upgrade()
     }
+}
+
+/// Append one whole PDU (header, data, padding, digests) to a send queue.
+fn push_pdu(buf: &mut Vec<u8>, b: &mut Bhs, data: &[u8], d: Digests) {
+    b.set_data_len(data.len() as u32);
+    let (h, hn) = pdu::header_bytes(b, d);
+    let (t, tn) = pdu::trailer(data, d);
+    buf.extend_from_slice(&h[..hn]);
+    buf.extend_from_slice(data);
+    buf.extend_from_slice(&t[..tn]);
 }
 
 fn residual(h: &Bhs) -> i64 {
