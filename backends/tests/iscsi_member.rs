@@ -627,9 +627,16 @@ async fn stalled_target_times_out_then_recovers() {
     // SAFETY: signalling the tgtd this test started.
     unsafe { libc::kill(pid, libc::SIGSTOP) };
     let start = std::time::Instant::now();
-    let r = bounded(10, read(&m, 0, 4096)).await;
+    let mut big = pattern(82, 4 * MIB, MIB as usize);
+    let (r, w) = bounded(10, async {
+        tokio::join!(read(&m, 0, 4096), write(&m, 4 * MIB, &mut big, false))
+    })
+    .await;
     let took = start.elapsed();
     unsafe { libc::kill(pid, libc::SIGCONT) };
+    let we = w.unwrap_err();
+    assert!(matches!(we, IoError::Timeout(_)), "{we}");
+    assert!(we.to_string().contains("WRITE(16)"), "{we}");
     let e = r.unwrap_err();
     assert!(matches!(e, IoError::Timeout(_)), "{e}");
     assert!(e.to_string().contains("READ(16)"), "{e}");

@@ -285,6 +285,8 @@ impl Session {
         // No timer here: once registered, the sweeper enforces the deadline.
         match self.send_command(cmd, itt, tx, deadline).await {
             Err(SendError::Late) => return Outcome::TimedOut,
+            // The sweeper ends the connection of a command past its deadline.
+            Err(SendError::Dead(_)) if Instant::now() >= deadline => return Outcome::TimedOut,
             Err(SendError::Dead(why)) => return Outcome::Lost(why),
             Ok(()) => {}
         }
@@ -301,6 +303,9 @@ impl Session {
                         return Outcome::Failed("an R2T for a command with no data to send".into());
                     };
                     if let Err(why) = self.send_data_out(itt, ttt, out, offset, len).await {
+                        if Instant::now() >= deadline {
+                            return Outcome::TimedOut;
+                        }
                         return Outcome::Lost(why);
                     }
                 }
@@ -605,11 +610,11 @@ impl Session {
         b.set_flags(pdu::F_FINAL);
         b.set_itt(itt);
         b.set_u32(20, RESERVED_TAG);
-        let sent = tokio::time::timeout_at(deadline, self.send_immediate(b)).await;
-        let r = match sent {
-            Err(_) => Err("the NOP-Out could not be sent in time".to_string()),
-            Ok(Err(e)) => Err(e),
-            Ok(Ok(())) => match tokio::time::timeout_at(deadline, rx.recv()).await {
+        // Not cut short by a timer (the queue's flusher must finish): past the deadline the
+        // sweeper ends the connection, which ends this too.
+        let r = match self.send_immediate(b).await {
+            Err(e) => Err(e),
+            Ok(()) => match tokio::time::timeout_at(deadline, rx.recv()).await {
                 Err(_) => Err("no NOP-In answered our NOP-Out in time".to_string()),
                 Ok(None) => Err(self.death().unwrap_or_default()),
                 Ok(Some(Event::Expired)) => Err("no NOP-In answered our NOP-Out in time".into()),
@@ -677,8 +682,14 @@ impl Session {
                 return;
             }
             let now = Instant::now();
+            let mut late = 0;
             for p in s.lock_table().values().filter(|p| p.deadline <= now) {
                 let _ = p.events.send(Event::Expired);
+                late += 1;
+            }
+            if late > 0 {
+                // Also frees a caller stuck writing to a target that stopped reading.
+                s.kill(&format!("{late} command(s) got no answer in time"));
             }
         }
     }
