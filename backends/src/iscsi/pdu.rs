@@ -522,3 +522,31 @@ mod tests {
         assert!(r.is_empty());
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Any byte stream reads as PDUs or fails with an error; never a panic, and
+        /// never more than the bound is allocated for a segment.
+        #[test]
+        fn reading_arbitrary_bytes_never_panics(
+            d in proptest::collection::vec(any::<u8>(), 0..400),
+            header in any::<bool>(),
+            data in any::<bool>(),
+        ) {
+            let dg = Digests { header, data };
+            let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            rt.block_on(async {
+                let mut r = &d[..];
+                while let Ok(h) = read_bhs(&mut r, dg).await {
+                    if read_data(&mut r, h.data_len(), 256, dg).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    }
+}

@@ -469,3 +469,25 @@ mod tests {
         assert_eq!(report_luns_list(&d), vec![0, 1]);
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Whatever a target sends, the parsers answer or decline; they never panic.
+        #[test]
+        fn parsers_never_panic(d in proptest::collection::vec(any::<u8>(), 0..600)) {
+            let _ = Sense::parse(&d).map(|s| (s.describe(), s.errno(), s.retryable()));
+            let _ = Capacity::parse(&d).map(|c| c.bytes());
+            let _ = Inquiry::parse(&d);
+            let _ = vpd_pages(&d);
+            let _ = BlockLimits::parse(&d);
+            let _ = lb_provisioning(&d);
+            let _ = report_luns_list(&d);
+            let _ = opcode_supported(&d);
+            let _ = super::super::pdu::decode_text(&d);
+        }
+    }
+}
