@@ -360,12 +360,20 @@ impl Member for IscsiMember {
             .take();
         self.shared.closed.send_replace(true);
         if let Some(s) = session {
-            // Logout needs the runtime; without one the socket just closes.
+            // Sent at once, so it leaves even if the process exits right after; the
+            // target then answers and closes the connection.
+            let sent = s.logout_now();
             match tokio::runtime::Handle::try_current() {
                 Ok(rt) => {
-                    rt.spawn(
-                        async move { s.logout(Instant::now() + Duration::from_secs(2)).await },
-                    );
+                    rt.spawn(async move {
+                        let limit = Instant::now() + Duration::from_secs(2);
+                        if sent {
+                            let _ = tokio::time::timeout_at(limit, s.closed()).await;
+                            s.kill("logged out");
+                        } else {
+                            s.logout(limit).await;
+                        }
+                    });
                 }
                 Err(_) => s.kill("member closed"),
             }

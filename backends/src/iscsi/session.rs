@@ -644,6 +644,32 @@ impl Session {
         Ok(())
     }
 
+    /// Send a Logout request now, without waiting, if nothing else is being written (a
+    /// PDU must not land in the middle of another): for a member closing while the
+    /// process may be about to exit. Returns whether it was sent.
+    pub fn logout_now(&self) -> bool {
+        use std::io::Write;
+        if self.is_dead() {
+            return false;
+        }
+        let Ok(_wire) = self.writer.try_lock() else {
+            return false;
+        };
+        let tx = self.lock_tx();
+        if tx.flushing || !tx.buf.is_empty() {
+            return false;
+        }
+        let mut b = Bhs::new(pdu::OP_LOGOUT_REQ);
+        b.set_immediate();
+        b.set_flags(pdu::F_FINAL); // reason 0: close the session
+        b.set_itt(self.new_itt());
+        b.set_u32(24, tx.cmd_sn);
+        b.set_u32(28, self.exp_stat_sn.load(Ordering::Acquire));
+        let bytes = pdu::encode(&b, &[], self.neg.digests);
+        // The socket is non-blocking: 48 bytes fit an idle send buffer, or we give up.
+        matches!((&self.killer).write(&bytes), Ok(n) if n == bytes.len())
+    }
+
     /// Log out (close the session) and end the connection, waiting at most until
     /// `deadline` for the target's answer.
     pub async fn logout(&self, deadline: Instant) {
