@@ -7,7 +7,7 @@
 //! | [`login`] | connect, security (None, CHAP, mutual CHAP) and operational negotiation |
 //! | [`scsi`] | CDBs, sense decoding, INQUIRY/VPD and READ CAPACITY parsing |
 //! | [`lun`] | what a LUN is and can do, asked after each login |
-//! | [`session`] | one logged-in connection: reader task, task tags, CmdSN window, R2T |
+//! | [`session`] | one logged-in connection: send queue, task tags, CmdSN window, R2T, deadlines; its `reader` routes what the target sends |
 //! | [`member`] | [`IscsiMember`]: deadlines, reconnect + re-login, retries |
 //! | [`discovery`] | SendTargets discovery and LUN listing, for `uniblk scan` |
 //! | [`secret`] | CHAP secrets from the layout, a file or the environment |
