@@ -5,7 +5,6 @@
 use std::io;
 use std::time::Duration;
 
-use md5::{Digest as _, Md5};
 use socket2::{SockRef, TcpKeepalive};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -96,7 +95,7 @@ pub fn new_isid() -> [u8; 6] {
     r
 }
 
-fn random<const N: usize>() -> [u8; N] {
+pub(super) fn random<const N: usize>() -> [u8; N] {
     let mut b = [0u8; N];
     // SAFETY: getrandom writes at most N bytes into our buffer.
     let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), N, 0) };
@@ -166,7 +165,7 @@ impl Peer {
         }
     }
 
-    fn protocol(&self, during: &'static str, why: impl Into<String>) -> IscsiError {
+    pub(super) fn protocol(&self, during: &'static str, why: impl Into<String>) -> IscsiError {
         IscsiError::Protocol {
             target: self.target.clone(),
             portal: self.portal.clone(),
@@ -261,14 +260,14 @@ fn tune_tcp(s: &TcpStream, user_timeout: Duration) {
     }
 }
 
-const STAGE_SECURITY: u8 = 0;
-const STAGE_OPERATIONAL: u8 = 1;
+pub(super) const STAGE_SECURITY: u8 = 0;
+pub(super) const STAGE_OPERATIONAL: u8 = 1;
 const STAGE_FULL: u8 = 3;
 
 /// One login exchange's state: sequence numbers and the connection.
-struct Exchange<'a> {
+pub(super) struct Exchange<'a> {
     stream: TcpStream,
-    peer: &'a Peer,
+    pub(super) peer: &'a Peer,
     isid: [u8; 6],
     tsih: u16,
     cmd_sn: u32,
@@ -277,14 +276,14 @@ struct Exchange<'a> {
 }
 
 /// A login response, decoded.
-struct Reply {
+pub(super) struct Reply {
     transit: bool,
     nsg: u8,
     keys: Vec<(String, String)>,
 }
 
 impl Reply {
-    fn get(&self, k: &str) -> Option<&str> {
+    pub(super) fn get(&self, k: &str) -> Option<&str> {
         self.keys
             .iter()
             .find(|(key, _)| key == k)
@@ -295,7 +294,7 @@ impl Reply {
 impl Exchange<'_> {
     /// Send one Login Request and read its response (continuations of the response's
     /// text are gathered, RFC 7143 §11.13.3).
-    async fn round(
+    pub(super) async fn round(
         &mut self,
         csg: u8,
         nsg: u8,
@@ -434,7 +433,7 @@ async fn security(
                     libc::EACCES,
                 )
             })?;
-            reply = chap_exchange(x, chap, opts.mutual.as_ref()).await?;
+            reply = super::chap::chap_exchange(x, chap, opts.mutual.as_ref()).await?;
         }
         Some("None") | None => {
             if opts.mutual.is_some() {
@@ -463,122 +462,6 @@ async fn security(
             .await?;
     }
     Err(x.peer.protocol("login", "it never left the security stage"))
-}
-
-/// CHAP: A=5 (MD5), then our response (and our challenge for mutual CHAP), then the
-/// target's response checked against the secret we expect from it.
-async fn chap_exchange(
-    x: &mut Exchange<'_>,
-    chap: &Chap,
-    mutual: Option<&Chap>,
-) -> Result<Reply, IscsiError> {
-    let r = x
-        .round(
-            STAGE_SECURITY,
-            STAGE_OPERATIONAL,
-            false,
-            &pdu::encode_text(&[("CHAP_A", "5")]),
-        )
-        .await?;
-    let bad = |w: &str| x.peer.protocol("CHAP authentication", w.to_string());
-    if r.get("CHAP_A") != Some("5") {
-        return Err(bad("it did not choose CHAP_A=5 (MD5)"));
-    }
-    let id: u8 = r
-        .get("CHAP_I")
-        .and_then(|v| v.parse().ok())
-        .ok_or_else(|| bad("it sent no valid CHAP_I"))?;
-    let challenge = r
-        .get("CHAP_C")
-        .and_then(decode_hex)
-        .ok_or_else(|| bad("it sent no valid CHAP_C (hex)"))?;
-    let response = chap_response(id, &chap.secret, &challenge);
-    let our_id = random::<1>()[0];
-    let our_challenge = random::<16>();
-    let (n, rr, i, c) = (
-        chap.user.clone(),
-        encode_hex(&response),
-        our_id.to_string(),
-        encode_hex(&our_challenge),
-    );
-    let mut keys = vec![("CHAP_N", n.as_str()), ("CHAP_R", rr.as_str())];
-    if mutual.is_some() {
-        keys.push(("CHAP_I", &i));
-        keys.push(("CHAP_C", &c));
-    }
-    let reply = x
-        .round(
-            STAGE_SECURITY,
-            STAGE_OPERATIONAL,
-            true,
-            &pdu::encode_text(&keys),
-        )
-        .await?;
-    if let Some(m) = mutual {
-        verify_mutual(x.peer, &reply, m, our_id, &our_challenge)?;
-    }
-    Ok(reply)
-}
-
-fn verify_mutual(
-    peer: &Peer,
-    reply: &Reply,
-    m: &Chap,
-    id: u8,
-    challenge: &[u8],
-) -> Result<(), IscsiError> {
-    let fail = |why: &str| IscsiError::MutualAuth {
-        target: peer.target.clone(),
-        portal: peer.portal.clone(),
-        why: why.to_string(),
-    };
-    let name = reply
-        .get("CHAP_N")
-        .ok_or_else(|| fail("it sent no CHAP_N (no outgoing account bound to the target?)"))?;
-    let got = reply
-        .get("CHAP_R")
-        .and_then(decode_hex)
-        .ok_or_else(|| fail("it sent no valid CHAP_R"))?;
-    if name != m.user {
-        return Err(fail(&format!(
-            "it calls itself '{name}', expected '{}'",
-            m.user
-        )));
-    }
-    if got != chap_response(id, &m.secret, challenge) {
-        return Err(fail("its CHAP response does not match the expected secret"));
-    }
-    Ok(())
-}
-
-/// RFC 1994: MD5(identifier || secret || challenge).
-pub fn chap_response(id: u8, secret: &str, challenge: &[u8]) -> [u8; 16] {
-    let mut h = Md5::new();
-    h.update([id]);
-    h.update(secret.as_bytes());
-    h.update(challenge);
-    h.finalize().into()
-}
-
-fn encode_hex(b: &[u8]) -> String {
-    let mut s = String::from("0x");
-    for x in b {
-        s.push_str(&format!("{x:02x}"));
-    }
-    s
-}
-
-/// `0x...` hex (what targets send). At most 1024 bytes.
-fn decode_hex(s: &str) -> Option<Vec<u8>> {
-    let h = s.strip_prefix("0x").or_else(|| s.strip_prefix("0X"))?;
-    // ASCII only: the slicing below must stay on character boundaries.
-    if h.is_empty() || !h.is_ascii() || h.len() % 2 != 0 || h.len() > 2048 {
-        return None;
-    }
-    (0..h.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&h[i..i + 2], 16).ok())
-        .collect()
 }
 
 fn note_alias(r: &Reply, alias: &mut Option<String>) {
@@ -770,26 +653,6 @@ fn check_status(peer: &Peer, class: u8, detail: u8, data: &[u8]) -> Result<(), I
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn chap_md5_matches_rfc_1994_construction() {
-        // MD5(0x01 || "secret" || 0x00..0x0f), computed independently with Python's
-        // hashlib: hashlib.md5(b"\x01" + b"secret" + bytes(range(16))).hexdigest().
-        let c: Vec<u8> = (0..16).collect();
-        assert_eq!(
-            encode_hex(&chap_response(1, "secret", &c)),
-            "0x740e86463bda3a4d7017d6e0fba0699d"
-        );
-    }
-
-    #[test]
-    fn hex_round_trip_and_refusals() {
-        assert_eq!(decode_hex("0x00ff10"), Some(vec![0, 255, 16]));
-        assert_eq!(decode_hex(&encode_hex(&[1, 2, 3])), Some(vec![1, 2, 3]));
-        for bad in ["00ff", "0x0", "0x", "0xzz", "0xa\u{e9}b"] {
-            assert_eq!(decode_hex(bad), None, "{bad}");
-        }
-    }
 
     #[test]
     fn statuses_name_the_fix() {

@@ -4,7 +4,8 @@
 //! | file | holds |
 //! |---|---|
 //! | [`pdu`] | the 48-byte BHS, opcodes, text keys, padding, CRC32C digests |
-//! | [`login`] | connect, security (None, CHAP, mutual CHAP) and operational negotiation |
+//! | [`login`] | connect, security stage and operational negotiation |
+//! | `chap` | CHAP and mutual CHAP responses and checks (MD5) |
 //! | [`scsi`] | CDBs, sense decoding, INQUIRY/VPD and READ CAPACITY parsing |
 //! | [`lun`] | what a LUN is and can do, asked after each login |
 //! | [`session`] | one logged-in connection: send queue, task tags, CmdSN window, R2T, deadlines; its `reader` routes what the target sends |
@@ -16,6 +17,7 @@
 //! failure ends the session, the member logs in again (reinstating the session with the
 //! same ISID) and re-sends what was in flight.
 
+mod chap;
 pub mod discovery;
 pub mod login;
 pub mod lun;
