@@ -211,7 +211,7 @@ impl IscsiMember {
         match t.op {
             Op::Read | Op::Write => {
                 let step = MAX_REQUEST / bs * bs;
-                let parts = (0..t.len).step_by(step as usize).map(|at| {
+                let part = |at: u64| {
                     let n = step.min(t.len - at);
                     let (lba, blocks) = ((t.offset + at) / bs, (n / bs) as u32);
                     let buf = sub(io.buf, at, n);
@@ -228,8 +228,11 @@ impl IscsiMember {
                         },
                     };
                     self.shared.run(cmd, deadline, t.offset + at, n)
-                });
-                join_parts(parts.collect()).await
+                };
+                if t.len <= step {
+                    return part(0).await;
+                }
+                join_parts((0..t.len).step_by(step as usize).map(part).collect()).await
             }
             Op::Flush if !caps.flush => Ok(()),
             Op::Flush => {
@@ -509,6 +512,10 @@ impl Shared {
 
     /// The current session, waiting for one until `deadline`.
     async fn wait_session(&self, deadline: Instant) -> Option<Arc<Session>> {
+        // The common case first: a session is up.
+        if let Some(s) = self.current().filter(|_| !self.is_closed()) {
+            return Some(s);
+        }
         let mut changed = self.changed.subscribe();
         loop {
             if self.is_closed() {

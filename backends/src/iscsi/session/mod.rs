@@ -26,9 +26,12 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use raidcore::IoBuf;
 use tokio::io::{AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::tcp::OwnedWriteHalf;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
+
+use events::EventTx;
 use tokio::time::Instant;
 
+mod events;
 mod reader;
 
 use super::login::{LoggedIn, Negotiated, Peer, OUR_MAX_RECV};
@@ -127,7 +130,7 @@ struct Pending {
     data_in: Option<IoBuf>,
     /// Data-In bytes received so far (in order: DataPDUInOrder=Yes).
     received: u64,
-    events: mpsc::UnboundedSender<Event>,
+    events: EventTx,
 }
 
 /// Sequence numbers the reader learns from the target.
@@ -283,7 +286,7 @@ impl Session {
 
     async fn execute_inner(&self, cmd: &Command, deadline: Instant) -> Outcome {
         let itt = self.new_itt();
-        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (tx, mut rx) = events::channel();
         // No timer here: once registered, the sweeper enforces the deadline.
         match self.send_command(cmd, itt, tx, deadline).await {
             Err(SendError::Late) => return Outcome::TimedOut,
@@ -322,7 +325,7 @@ impl Session {
         &self,
         cmd: &Command,
         itt: u32,
-        events: mpsc::UnboundedSender<Event>,
+        events: EventTx,
         deadline: Instant,
     ) -> Result<(), SendError> {
         let (immediate, unsolicited) = self.unsolicited(cmd);
@@ -597,7 +600,7 @@ impl Session {
     /// NOP-Out ping; Ok once the target's NOP-In answers it.
     pub async fn ping(&self, deadline: Instant) -> Result<(), String> {
         let itt = self.new_itt();
-        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (tx, mut rx) = events::channel();
         self.lock_table().insert(
             itt,
             Pending {
@@ -679,7 +682,7 @@ impl Session {
             return;
         }
         let itt = self.new_itt();
-        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (tx, mut rx) = events::channel();
         self.lock_table().insert(
             itt,
             Pending {
@@ -712,7 +715,7 @@ impl Session {
             let now = Instant::now();
             let mut late = 0;
             for p in s.lock_table().values().filter(|p| p.deadline <= now) {
-                let _ = p.events.send(Event::Expired);
+                p.events.send(Event::Expired);
                 late += 1;
             }
             if late > 0 {

@@ -175,7 +175,7 @@ impl Session {
             len: h.u32_at(44),
         };
         if let Some(p) = self.lock_table().get(&h.itt()) {
-            let _ = p.events.send(ev);
+            p.events.send(ev);
         }
     }
 
@@ -233,7 +233,7 @@ impl Session {
 
     fn complete(&self, itt: u32, status: u8, sense: Option<Sense>, residual: i64) {
         if let Some(p) = self.lock_table().remove(&itt) {
-            let _ = p.events.send(Event::Done(Completion {
+            p.events.send(Event::Done(Completion {
                 status,
                 sense,
                 residual,
@@ -243,7 +243,7 @@ impl Session {
 
     fn reject(&self, itt: u32, why: String) {
         if let Some(p) = self.lock_table().remove(&itt) {
-            let _ = p.events.send(Event::Rejected(why));
+            p.events.send(Event::Rejected(why));
         }
     }
 
