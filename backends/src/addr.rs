@@ -10,9 +10,10 @@
 //! | `iscsi://[user[%password]@]host[:port]/target-iqn/lun` | iSCSI (qemu/libiscsi form) |
 //! | `aoe:IFACE/SHELF.SLOT` | ATA over Ethernet, e.g. `aoe:eth0/7.3` |
 //!
-//! NBD addresses open an [`crate::nbd::NbdMember`], AoE addresses an
-//! [`crate::aoe::AoeMember`] (on the interface of the daemon's network namespace);
-//! iSCSI addresses parse (so layouts can be checked) but do not open yet in this build.
+//! NBD addresses open an [`crate::nbd::NbdMember`], iSCSI addresses an
+//! [`crate::iscsi::IscsiMember`], AoE addresses an [`crate::aoe::AoeMember`] (on the
+//! interface of the daemon's network namespace). An iSCSI member's address is shown
+//! with its password replaced by `***`.
 //! Local paths must be absolute: the daemon's working directory is nobody's business.
 //! `file:` and `dev:` are hints: the type found on disk decides (see [`crate::local`]).
 
@@ -128,12 +129,6 @@ pub enum OpenError {
         size: u64,
         error: std::io::Error,
     },
-    #[error("member {addr}: remote member protocol '{proto}' is not supported yet in this build; {hint}")]
-    Unsupported {
-        addr: String,
-        proto: &'static str,
-        hint: &'static str,
-    },
     #[error("member {addr}: the open was abandoned ({reason}); retry")]
     Abandoned { addr: String, reason: String },
     /// A remote member's connection or handshake failed (the error names the server).
@@ -141,6 +136,14 @@ pub enum OpenError {
     Remote {
         addr: String,
         error: crate::nbd::NbdError,
+    },
+    /// An iSCSI login or LUN check failed (the error names the target and the fix;
+    /// `addr` has its password redacted).
+    #[error("member {addr}: {error}")]
+    Iscsi {
+        addr: String,
+        /// Boxed: iSCSI errors carry several names and would bloat every OpenError.
+        error: Box<crate::iscsi::IscsiError>,
     },
     /// An AoE target could not be found or used, or the raw socket was refused (the
     /// error names the interface, the target and the fix).
@@ -190,9 +193,9 @@ impl OpenError {
             | OpenError::Engine { error, .. }
             | OpenError::Memory { error, .. } => error.raw_os_error().unwrap_or(libc::EIO),
             OpenError::NotStorage { .. } | OpenError::Empty { .. } => libc::EINVAL,
-            OpenError::Unsupported { .. } => libc::EOPNOTSUPP,
             OpenError::Abandoned { .. } => libc::EIO,
             OpenError::Remote { error, .. } => error.errno(),
+            OpenError::Iscsi { error, .. } => error.errno(),
             OpenError::Aoe { error, .. } => error.errno(),
         }
     }
@@ -400,12 +403,14 @@ pub fn parse_size(s: &str) -> Result<u64, AddrError> {
 }
 
 /// Settings for remote members of any protocol (the layout's `remote` table).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RemoteOptions {
     /// How long one request may take, retries after reconnects included.
     pub timeout: std::time::Duration,
     /// Connections per member where the server allows several.
     pub connections: usize,
+    /// CHAP for iSCSI members (the layout's `remote.iscsi` table).
+    pub iscsi: crate::iscsi::IscsiAuth,
 }
 
 impl Default for RemoteOptions {
@@ -414,6 +419,7 @@ impl Default for RemoteOptions {
         RemoteOptions {
             timeout: nbd.timeout,
             connections: nbd.connections,
+            iscsi: crate::iscsi::IscsiAuth::default(),
         }
     }
 }
@@ -456,11 +462,7 @@ pub async fn open_with(
                 }),
             }
         }
-        MemberAddr::Iscsi { .. } => Err(unsupported(
-            text,
-            "iscsi",
-            "log in with iscsiadm and use the resulting dev:/dev/sdX meanwhile",
-        )),
+        MemberAddr::Iscsi { .. } => open_iscsi(text, remote).await,
         MemberAddr::Aoe { iface, shelf, slot } => {
             let opts = crate::aoe::AoeOptions {
                 timeout: remote.timeout,
@@ -477,11 +479,31 @@ pub async fn open_with(
     }
 }
 
-fn unsupported(addr: &str, proto: &'static str, hint: &'static str) -> OpenError {
-    OpenError::Unsupported {
-        addr: addr.to_string(),
-        proto,
-        hint,
+async fn open_iscsi(text: &str, remote: &RemoteOptions) -> Result<Arc<dyn Member>, OpenError> {
+    let fail = |error| OpenError::Iscsi {
+        addr: crate::iscsi::redact_text(text),
+        error: Box::new(error),
+    };
+    let mut opts = crate::iscsi::IscsiOptions {
+        timeout: remote.timeout,
+        ..crate::iscsi::IscsiOptions::default()
+    };
+    let auth = &remote.iscsi;
+    opts.login.chap = auth
+        .chap
+        .as_ref()
+        .map(|c| c.resolve())
+        .transpose()
+        .map_err(fail)?;
+    opts.login.mutual = auth
+        .mutual
+        .as_ref()
+        .map(|c| c.resolve())
+        .transpose()
+        .map_err(fail)?;
+    match crate::iscsi::IscsiMember::open(text, opts).await {
+        Ok(m) => Ok(Arc::new(m)),
+        Err(error) => Err(fail(error)),
     }
 }
 
@@ -658,18 +680,6 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn iscsi_members_do_not_open_yet() {
-        for (text, proto) in [("iscsi://h/iqn.x/0", "iscsi")] {
-            let addr = parse(text).expect(text);
-            let e = open(&addr, text).await.err().expect(text);
-            let msg = e.to_string();
-            let want = format!("member {text}: remote member protocol '{proto}' is not supported yet in this build");
-            assert!(msg.starts_with(&want), "{msg}");
-            assert_eq!(e.errno(), libc::EOPNOTSUPP);
-        }
-    }
-
     /// Without root: the raw socket is refused and the message says CAP_NET_RAW. As
     /// root: there is no such interface. Either way the member is named.
     #[tokio::test]
@@ -708,6 +718,21 @@ mod tests {
         let text = "nbds://127.0.0.1/x";
         let e = open(&parse(text).unwrap(), text).await.err().unwrap();
         assert!(e.to_string().contains("TLS"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn iscsi_member_with_no_target_says_so_without_the_password() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port");
+        let text = format!("iscsi://u%hunter2secret@127.0.0.1:{port}/iqn.2026-11.x:t/1");
+        let e = open(&parse(&text).unwrap(), &text).await.err().unwrap();
+        assert_eq!(
+            e.to_string(),
+            format!("member iscsi://u%***@127.0.0.1:{port}/iqn.2026-11.x:t/1: cannot connect to iSCSI portal 127.0.0.1:{port}: Connection refused; is the iSCSI target (tgtd) running?")
+        );
+        assert_eq!(e.errno(), libc::ECONNREFUSED);
     }
 
     #[tokio::test]

@@ -18,19 +18,24 @@ pub struct Job {
     pub iodepth: u32,
     /// fio processes; with the nbd engine each opens its own connection.
     pub numjobs: u32,
+    /// Run only by systems that name it in their `only` list (a job one comparison
+    /// needs, kept out of every other group's run).
+    pub opt_in: bool,
 }
 
 const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
 
-/// The jobs of issue 5, in the order they run and print.
-pub const JOBS: [Job; 6] = [
+/// The jobs of issue 5, in the order they run and print, and issue 6's opt-in one.
+pub const JOBS: [Job; 7] = [
     Job::new("randread-4k-qd1", "randread", 4 * KIB, 1, 1),
     Job::new("randwrite-4k-qd1", "randwrite", 4 * KIB, 1, 1),
     Job::new("randread-4k-qd32x2", "randread", 4 * KIB, 32, 2),
     Job::new("randwrite-4k-qd32x2", "randwrite", 4 * KIB, 32, 2),
     Job::new("read-1m-qd8", "read", MIB, 8, 1),
     Job::new("write-1m-qd8", "write", MIB, 8, 1),
+    // One initiator at queue depth 32: what iscsi-perf -m 32 does.
+    Job::new("randread-4k-qd32", "randread", 4 * KIB, 32, 1).opt_in(),
 ];
 
 impl Job {
@@ -47,7 +52,13 @@ impl Job {
             bs,
             iodepth,
             numjobs,
+            opt_in: false,
         }
+    }
+
+    const fn opt_in(mut self) -> Self {
+        self.opt_in = true;
+        self
     }
 
     /// Which section of fio's report holds the numbers.
@@ -76,6 +87,8 @@ pub enum Target {
     Nbd { uri: String },
     /// fio's io_uring engine with O_DIRECT on a local file: the no-NBD ceiling.
     File { path: PathBuf },
+    /// Not fio: libiscsi's iscsi-perf on an iSCSI LUN (see [`iscsi_perf`]).
+    Iscsi { url: String },
 }
 
 /// The region every job works in: `size` bytes from `offset` of the target.
@@ -116,7 +129,58 @@ fn target_args(target: &Target) -> Vec<String> {
             "--direct=1".into(),
             format!("--filename={}", path.display()),
         ],
+        // Never reached by fio: measure() runs iscsi-perf for this target.
+        Target::Iscsi { url } => vec![format!("--filename={url}")],
     }
+}
+
+/// libiscsi's iscsi-perf for `job` (random reads only) on `url` for `runtime` (whole
+/// seconds, at least one), 512-byte blocks assumed. Only IOPS are reported; latency
+/// figures stay zero.
+pub fn iscsi_perf(job: &Job, url: &str, runtime: Duration) -> Result<Measured> {
+    if job.rw != "randread" || job.numjobs != 1 {
+        bail!(
+            "iscsi-perf runs one random-read stream; job {} is not one",
+            job.name
+        );
+    }
+    let secs = runtime.as_secs_f64().round().max(1.0) as u64;
+    let mut cmd = fixtures::command("iscsi-perf");
+    cmd.args([
+        "-m",
+        &job.iodepth.to_string(),
+        "-b",
+        &(job.bs / 512).to_string(),
+    ])
+    .args(["-r", "-t", &secs.to_string(), url]);
+    let out = fixtures::run_bounded(&mut cmd, runtime + Duration::from_secs(30))?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        bail!(
+            "iscsi-perf failed ({}): {text}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let iops = parse_iscsi_perf(&text)
+        .with_context(|| format!("no 'iops average' in iscsi-perf's output: {text}"))?;
+    Ok(Measured {
+        iops,
+        bytes_per_sec: iops * job.bs as f64,
+        clat_mean_us: 0.0,
+        clat_p99_us: 0.0,
+        ios: (iops * secs as f64) as u64,
+    })
+}
+
+/// The last `iops average N` of iscsi-perf's progress lines (the final summary).
+fn parse_iscsi_perf(text: &str) -> Option<f64> {
+    let at = text.rfind("iops average ")? + "iops average ".len();
+    let n: String = text[at..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    n.parse().ok()
 }
 
 /// A sequential 1 MiB write over the whole region, so later reads find real data (not
@@ -191,6 +255,13 @@ pub fn parse_report(report: &Value, job: &Job) -> Result<Measured> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn iscsi_perf_summary_parses() {
+        let t = "00:00:01 - lba 12, iops current 49123 (191 MB/s), iops average 47972 (187 MB/s), in_flight 32, busy 0  iops average 46039 (179 MB/s)  \n\nfinished.\n";
+        assert_eq!(parse_iscsi_perf(t), Some(46039.0));
+        assert_eq!(parse_iscsi_perf("nothing"), None);
+    }
     use serde_json::json;
 
     fn report(error: i64, ios: u64) -> Value {

@@ -8,7 +8,9 @@ use anyhow::{bail, Context, Result};
 use fixtures::{sparse_file, Tmp};
 use serde_json::Value;
 
-use crate::jobs::{fio_args, parse_report, prefill_args, Job, Measured, Region, Target, JOBS};
+use crate::jobs::{
+    fio_args, iscsi_perf, parse_report, prefill_args, Job, Measured, Region, Target, JOBS,
+};
 use crate::procstat::{cpu_seconds, peak_rss_kib};
 use crate::systems::{self, Env, Running, System, DATA_OFFSET, SYSTEMS};
 
@@ -114,7 +116,7 @@ impl Results {
 pub fn selected_jobs(sys: &System, filter: Option<&str>) -> Vec<Job> {
     JOBS.iter()
         .copied()
-        .filter(|j| sys.runs(j.name))
+        .filter(|j| sys.runs(j.name) && (!j.opt_in || sys.only.is_some()))
         .filter(|j| {
             filter.is_none_or(|f| format!("{}/{}/{}", sys.group, sys.name, j.name).contains(f))
         })
@@ -255,6 +257,11 @@ fn log_sample(sys: &System, job: &Job, outcome: &Result<Figures, String>) {
 /// measured run lasts at least the system's minimum (rate-capped servers).
 fn measure(sys: &System, running: &Running, job: &Job, plan: &Plan) -> Result<Figures> {
     let (target, region) = (&running.target, running.region);
+    if let Target::Iscsi { url } = target {
+        iscsi_perf(job, url, plan.warmup).context("warm-up")?;
+        let m = iscsi_perf(job, url, plan.runtime)?;
+        return Ok(Figures { m, cpu_s: None });
+    }
     run_fio(&fio_args(job, target, region, plan.warmup)).context("warm-up")?;
     let cpu = || running.pid().map(cpu_seconds).transpose();
     let before = cpu()?;

@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use fixtures::{
-    pid_alive, Nbdkit, NbdkitServer, NetnsPair, QemuNbd, QuietDaemon, Vblade, DIR_PLACEHOLDER,
+    pid_alive, LunSpec, Nbdkit, NbdkitServer, NetnsPair, QemuNbd, QuietDaemon, Tgtd, Vblade,
+    DIR_PLACEHOLDER,
 };
 
 use crate::jobs::{Region, Target};
@@ -58,6 +59,10 @@ pub enum Kind {
     UniblkRaid0Capped,
     /// One `nbdkit memory 1G` capped with [`RATE_CAP`], read by fio directly.
     NbdkitCapped,
+    /// uniblk, a `linear` array of one iSCSI LUN: tgtd serving the first member file.
+    UniblkIscsi,
+    /// libiscsi's iscsi-perf straight on such a LUN (its own tgtd, the same file).
+    IscsiPerf,
     /// uniblk, a `linear` array of one AoE member: vblade serving a 1 GiB file in
     /// /dev/shm over a veth pair at MTU [`AOE_MTU`], the daemon in the initiator's
     /// network namespace (issue 7).
@@ -91,6 +96,8 @@ impl Kind {
                 | Kind::FioDirect
                 | Kind::UniblkRaid1FileNbdkit
                 | Kind::UniblkLinearFile
+                | Kind::UniblkIscsi
+                | Kind::IscsiPerf
         )
     }
 
@@ -158,6 +165,10 @@ pub struct Comparison {
 }
 
 const RANDWRITE_QD32: &str = "randwrite-4k-qd32x2";
+/// Issue 6: one initiator at QD32, uniblk over one iSCSI member vs iscsi-perf.
+const RANDREAD_QD32_ONE: &str = "randread-4k-qd32";
+/// The target every benchmark LUN is served under.
+const BENCH_IQN: &str = "iqn.2026-11.io.uniblk.bench:lun";
 const SEQREAD_1M: &str = "read-1m-qd8";
 const AOE_JOBS: &[&str] = &[
     SEQREAD_1M,
@@ -223,7 +234,7 @@ pub const COMPARISONS: [Comparison; 3] = [
 
 /// Every system, group by group, uniblk first in each group (the `remote` group: the
 /// arrays first, then their members alone).
-pub const SYSTEMS: [System; 15] = [
+pub const SYSTEMS: [System; 17] = [
     System::new("mem-unix", "uniblk", Kind::UniblkMem(Transport::Unix)),
     System::new("mem-unix", "nbdkit", Kind::NbdkitMemory(Transport::Unix)),
     System::new("mem-tcp", "uniblk", Kind::UniblkMem(Transport::Tcp)),
@@ -243,6 +254,8 @@ pub const SYSTEMS: [System; 15] = [
     .only(&[RANDWRITE_QD32]),
     System::new("remote", "uniblk-raid0", Kind::UniblkRaid0Capped).only(&[SEQREAD_1M]),
     System::new("remote", "capped-alone", Kind::NbdkitCapped).only(&[SEQREAD_1M]),
+    System::new("iscsi", "uniblk", Kind::UniblkIscsi).only(&[RANDREAD_QD32_ONE]),
+    System::new("iscsi", "iscsi-perf", Kind::IscsiPerf).only(&[RANDREAD_QD32_ONE]),
     System::new("aoe", "uniblk-aoe", Kind::UniblkAoe).only(AOE_JOBS),
 ];
 
@@ -260,6 +273,11 @@ enum Server {
     UniblkOver(QuietDaemon, Vec<NbdkitServer>),
     Nbdkit(NbdkitServer),
     QemuNbd(QemuNbd),
+    /// A daemon over an iSCSI LUN, and the tgtd serving it (stopped after it).
+    UniblkOverTgtd(QuietDaemon, Tgtd),
+    /// tgtd alone, read by iscsi-perf (no server CPU is measured: iscsi-perf is the
+    /// initiator, tgtd the target on both sides of the ratio).
+    Tgtd(Tgtd),
     UniblkAoe(Box<AoeServer>),
     None,
 }
@@ -277,11 +295,13 @@ impl Running {
     /// The server's PID, for CPU time and memory; `None` when there is no server.
     pub fn pid(&self) -> Option<u32> {
         match &self.server {
-            Server::Uniblk(d) | Server::UniblkOver(d, _) => Some(d.pid()),
+            Server::Uniblk(d) | Server::UniblkOver(d, _) | Server::UniblkOverTgtd(d, _) => {
+                Some(d.pid())
+            }
             Server::UniblkAoe(a) => Some(a.daemon.pid()),
             Server::Nbdkit(s) => Some(s.pid()),
             Server::QemuNbd(q) => Some(q.pid()),
-            Server::None => None,
+            Server::Tgtd(_) | Server::None => None,
         }
     }
 
@@ -299,6 +319,11 @@ impl Running {
             }
             Server::Nbdkit(s) => s.stop()?,
             Server::QemuNbd(q) => q.stop()?,
+            Server::UniblkOverTgtd(d, t) => {
+                stop_daemon(d)?;
+                t.stop()?;
+            }
+            Server::Tgtd(t) => t.stop()?,
             Server::UniblkAoe(a) => {
                 stop_daemon(&mut a.daemon)?;
                 a.vblade.kill9()?;
@@ -376,6 +401,19 @@ pub fn start(sys: &System, env: &Env) -> Result<Running> {
             let s = memory_member(&[RATE_CAP])?;
             let uri = s.uri();
             (Server::Nbdkit(s), Target::Nbd { uri })
+        }
+        Kind::UniblkIscsi => {
+            let t = tgtd_over(&files(env)?[0])?;
+            let (server, target) = uniblk(env, "linear", &[t.url(BENCH_IQN, 1)], Transport::Unix)?;
+            let Server::Uniblk(d) = server else {
+                unreachable!("uniblk() starts a daemon")
+            };
+            (Server::UniblkOverTgtd(d, t), target)
+        }
+        Kind::IscsiPerf => {
+            let t = tgtd_over(&files(env)?[0])?;
+            let url = t.url(BENCH_IQN, 1);
+            (Server::Tgtd(t), Target::Iscsi { url })
         }
         Kind::UniblkAoe => uniblk_aoe(env)?,
         Kind::FioDirect => {
@@ -502,6 +540,14 @@ fn nbdkit(plugin: &str, t: Transport) -> Result<(Server, Target)> {
         .with_context(|| format!("starting nbdkit {plugin}"))?;
     let uri = s.uri();
     Ok((Server::Nbdkit(s), Target::Nbd { uri }))
+}
+
+/// tgtd on 127.0.0.1 serving `file` as LUN 1 of [`BENCH_IQN`] (512-byte blocks,
+/// through the page cache as tgtd's default backing store does).
+fn tgtd_over(file: &Path) -> Result<Tgtd> {
+    let mut t = Tgtd::start().context("starting tgtd")?;
+    t.add_target(1, BENCH_IQN, &[LunSpec::file(file, 512)])?;
+    Ok(t)
 }
 
 fn qemu_nbd(file: &Path) -> Result<(Server, Target)> {

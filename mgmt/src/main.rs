@@ -38,8 +38,9 @@ enum Cmd {
         #[arg(long)]
         socket: Option<PathBuf>,
     },
-    /// List what a server offers: `uniblk scan nbd://HOST[:PORT]` lists its exports and sizes;
-    /// `uniblk scan aoe:IFACE` lists the AoE targets on an interface (shelf.slot, size, MAC).
+    /// List what a server offers: `uniblk scan nbd://HOST[:PORT]` lists its exports and sizes,
+    /// `uniblk scan iscsi://HOST[:PORT]` its targets, LUNs and sizes (SendTargets discovery),
+    /// `uniblk scan aoe:IFACE` the AoE targets on an interface (shelf.slot, size, MAC).
     Scan {
         target: String,
         /// Print JSON instead of a table.

@@ -1,5 +1,6 @@
 //! `uniblk scan`: what a remote server offers, before it goes into a layout.
-//! `nbd://...` lists a server's exports; `aoe:IFACE` broadcasts a Query Config on the
+//! `nbd://...` lists a server's exports; `iscsi://HOST[:PORT]` runs SendTargets discovery
+//! and lists each target's LUNs; `aoe:IFACE` broadcasts a Query Config on the
 //! interface and lists every AoE target that answers (shelf.slot, size, MAC).
 
 use std::time::Duration;
@@ -15,10 +16,53 @@ pub async fn run(target: &str, as_json: bool) -> Result<()> {
     }
     let (scheme, rest) = target.split_once(':').unwrap_or((target, ""));
     match scheme {
+        "iscsi" => iscsi(target, as_json).await,
         "aoe" => aoe(rest, as_json).await,
-        "iscsi" => bail!("scanning iscsi targets is not supported yet in this build (only nbd://, nbd+unix:// and aoe:IFACE)"),
-        _ => bail!("cannot scan '{target}': give a server address like nbd://HOST[:PORT], nbd+unix:///?socket=/path or aoe:IFACE"),
+        _ => bail!("cannot scan '{target}': give a server address like nbd://HOST[:PORT], nbd+unix:///?socket=/path, iscsi://HOST[:PORT] or aoe:IFACE"),
     }
+}
+
+/// SendTargets discovery, then each target's disk LUNs and sizes. CHAP for the LUN
+/// listing comes from the URL (`iscsi://user%secret@host`).
+async fn iscsi(target: &str, as_json: bool) -> Result<()> {
+    use backends::iscsi::{discovery, IscsiOptions, IscsiUrl};
+    let shown = backends::iscsi::redact_text(target);
+    let portal = IscsiUrl::parse_any(target)?;
+    let mut login = IscsiOptions::default().login;
+    login.chap = backends::iscsi::member::url_chap(&portal)?;
+    let targets = discovery::discover(&portal, &login)
+        .await
+        .with_context(|| format!("scanning {shown}"))?;
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&targets)?);
+        return Ok(());
+    }
+    if targets.is_empty() {
+        println!("{shown}: the portal lists no targets");
+        return Ok(());
+    }
+    for t in &targets {
+        println!("target {}  ({})", t.name, t.addresses.join(", "));
+        if let Some(e) = &t.error {
+            println!("  cannot list LUNs: {e}");
+            continue;
+        }
+        if t.luns.is_empty() {
+            println!("  no disk LUNs");
+        }
+        for l in &t.luns {
+            println!(
+                "  lun {:<4} {:>12}  {:>4}-byte blocks  {}{}  {}",
+                l.lun,
+                human(l.size),
+                l.block_size,
+                format!("{} {}", l.vendor, l.product).trim(),
+                if l.unmap { ", unmap" } else { "" },
+                l.address
+            );
+        }
+    }
+    Ok(())
 }
 
 /// How long targets have to answer the broadcast.

@@ -76,6 +76,97 @@ pub struct RemoteSection {
     /// Connections per member where the server allows several (1-16).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connections: Option<usize>,
+    /// CHAP for this array's iSCSI members.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iscsi: Option<IscsiSection>,
+}
+
+/// `[array.remote.iscsi]`: CHAP credentials. Each secret is given once, as text in the
+/// layout, as a file the layout names, or as an environment variable of ublkd; secrets
+/// are read when a member opens and never logged or shown in status.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IscsiSection {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chap_user: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chap_secret: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chap_secret_file: Option<std::path::PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chap_secret_env: Option<String>,
+    /// The target's name and secret, for mutual CHAP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mutual_user: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mutual_secret: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mutual_secret_file: Option<std::path::PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mutual_secret_env: Option<String>,
+}
+
+impl IscsiSection {
+    fn auth(&self, array: &str) -> Result<backends::iscsi::IscsiAuth> {
+        Ok(backends::iscsi::IscsiAuth {
+            chap: chap_source(
+                array,
+                "chap",
+                &self.chap_user,
+                &self.chap_secret,
+                &self.chap_secret_file,
+                &self.chap_secret_env,
+            )?,
+            mutual: chap_source(
+                array,
+                "mutual",
+                &self.mutual_user,
+                &self.mutual_secret,
+                &self.mutual_secret_file,
+                &self.mutual_secret_env,
+            )?,
+        })
+    }
+}
+
+/// A user with exactly one of the three ways to give its secret.
+fn chap_source(
+    array: &str,
+    key: &str,
+    user: &Option<String>,
+    secret: &Option<String>,
+    file: &Option<std::path::PathBuf>,
+    env: &Option<String>,
+) -> Result<Option<backends::iscsi::ChapSource>> {
+    use backends::iscsi::SecretSource;
+    let mut given = Vec::new();
+    if let Some(s) = secret {
+        given.push(SecretSource::Inline(s.clone()));
+    }
+    if let Some(f) = file {
+        if !f.is_absolute() {
+            bail!("array {array}: remote.iscsi.{key}_secret_file must be an absolute path");
+        }
+        given.push(SecretSource::File(f.clone()));
+    }
+    if let Some(e) = env {
+        given.push(SecretSource::Env(e.clone()));
+    }
+    match (user, given.len()) {
+        (None, 0) => Ok(None),
+        (None, _) => bail!("array {array}: remote.iscsi has a {key} secret but no {key}_user"),
+        (Some(u), 1) if !u.is_empty() => Ok(Some(backends::iscsi::ChapSource {
+            user: u.clone(),
+            secret: given.remove(0),
+        })),
+        (Some(_), 1) => bail!("array {array}: remote.iscsi.{key}_user is empty"),
+        (Some(_), 0) => bail!(
+            "array {array}: remote.iscsi.{key}_user needs a secret: give one of {key}_secret, {key}_secret_file or {key}_secret_env"
+        ),
+        (Some(_), _) => bail!(
+            "array {array}: remote.iscsi: give only one of {key}_secret, {key}_secret_file and {key}_secret_env"
+        ),
+    }
 }
 
 /// Parse "30s", "500ms", "2m", "1h", or bare seconds.
@@ -280,6 +371,9 @@ impl ArrayLayout {
             }
             o.connections = c;
         }
+        if let Some(i) = &r.iscsi {
+            o.iscsi = i.auth(name)?;
+        }
         Ok(o)
     }
 
@@ -378,6 +472,39 @@ export.ublk = { id = "auto" }
         assert_eq!(p[0].chunk, 65536);
         assert_eq!(p[0].nbd_listen.len(), 2);
         assert_eq!(p[0].nbd_name, "data0");
+    }
+
+    #[test]
+    fn iscsi_chap_from_layout_file_or_env() {
+        use backends::iscsi::SecretSource;
+        let base = "[[array]]\nname = \"a\"\nlevel = \"raid1\"\nmembers = [\"mem:1G\", \"iscsi://h/iqn.x:t/1\"]\n";
+        let plan = |extra: &str| Layout::parse(&format!("{base}{extra}")).and_then(|l| l.plan());
+        let p = plan("remote.iscsi = { chap_user = \"u\", chap_secret_env = \"S\", mutual_user = \"t\", mutual_secret_file = \"/etc/t\" }").unwrap();
+        let auth = &p[0].remote.iscsi;
+        let chap = auth.chap.as_ref().unwrap();
+        assert_eq!(
+            (chap.user.as_str(), &chap.secret),
+            ("u", &SecretSource::Env("S".into()))
+        );
+        assert_eq!(
+            auth.mutual.as_ref().unwrap().secret,
+            SecretSource::File("/etc/t".into())
+        );
+        let p =
+            plan("remote.iscsi = { chap_user = \"u\", chap_secret = \"inline-secret\" }").unwrap();
+        assert!(!format!("{:?}", p[0].remote).contains("inline-secret"));
+        let e = |extra: &str| format!("{:#}", plan(extra).unwrap_err());
+        assert!(e("remote.iscsi = { chap_user = \"u\" }").contains("needs a secret"));
+        assert!(e(
+            "remote.iscsi = { chap_user = \"u\", chap_secret = \"x\", chap_secret_env = \"E\" }"
+        )
+        .contains("only one of"));
+        assert!(e("remote.iscsi = { chap_secret = \"x\" }").contains("no chap_user"));
+        assert!(
+            e("remote.iscsi = { chap_user = \"u\", chap_secret_file = \"rel\" }")
+                .contains("absolute")
+        );
+        assert!(e("remote.iscsi = { chap_usr = \"u\" }").contains("unknown field"));
     }
 
     #[test]

@@ -25,6 +25,8 @@ pub const PACKAGES: &[&str] = &[
     "kmod",              // modprobe
     "fonts-dejavu-core", // the benchmark chart's font
     "nbd-client",        // the kernel NBD client, in the guest tests (cargo xtask vm-test)
+    "tgt",               // tgtd/tgtadm: the iSCSI target the iSCSI member tests log in to
+    "libiscsi-bin",      // iscsi-ls, iscsi-inq, iscsi-readcapacity16, iscsi-perf: iSCSI oracles
 ];
 
 /// Installs the packages in [`PACKAGES`] that are missing. Without root it prints the

@@ -1,0 +1,772 @@
+//! One logged-in iSCSI connection in the full-feature phase: many SCSI commands in
+//! flight, each with its own Initiator Task Tag, sent in CmdSN order within the window
+//! the target grants (ExpCmdSN..MaxCmdSN), answered by Data-In / SCSI Response PDUs that
+//! a single reader task routes by tag, with R2T-driven Data-Out for writes.
+//!
+//! Sending: small PDUs (commands without data or with up to 16 KiB of it, NOP-Outs) are
+//! encoded into one send queue under a lock that also hands out CmdSNs, so the wire order
+//! is the CmdSN order; whoever finds the queue idle writes it out, picking up what others
+//! queue meanwhile (commands that arrive together leave in one write). Larger PDUs take
+//! the socket, write what was queued before them, then their data from the caller's
+//! buffer.
+//!
+//! Buffers: a READ's Data-In goes from the socket straight into the caller's [`IoBuf`]
+//! (through a small read-ahead buffer for headers). The reader may write into a
+//! command's buffer for as long as the command is in the task table. A caller leaves
+//! [`Session::execute`] only once the reader completed its command (and so is done with
+//! the buffer) or the reader task has ended: a caller that gives up (deadline) first
+//! shuts the socket down and waits for the reader to end. That is why a timed-out
+//! command costs the connection (with ErrorRecoveryLevel 0 it would anyway).
+
+use std::collections::HashMap;
+use std::io::IoSlice;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+
+use raidcore::IoBuf;
+use tokio::io::{AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::sync::watch;
+
+use events::EventTx;
+use tokio::time::Instant;
+
+mod events;
+mod reader;
+
+use super::login::{LoggedIn, Negotiated, Peer, OUR_MAX_RECV};
+use super::pdu::{self, Bhs, Digests, RESERVED_TAG};
+use super::scsi::{Cdb, Sense};
+
+/// Read-ahead for PDU headers and small segments; larger Data-In segments bypass it.
+const READ_AHEAD: usize = 64 << 10;
+/// SCSI Response data (sense) beyond this is a protocol violation.
+const MAX_RESPONSE_DATA: u32 = OUR_MAX_RECV;
+
+/// PDUs with more data than this are written straight from the caller's buffer; smaller
+/// ones are copied into the send queue and leave with their neighbours.
+const INLINE_MAX: u32 = 16 << 10;
+
+/// How often deadlines of commands in flight are checked: how late a timeout may fire.
+const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// Why a command could not be sent.
+enum SendError {
+    /// The deadline passed while the target's window stayed closed.
+    Late,
+    /// The connection is gone (why).
+    Dead(String),
+}
+
+impl From<String> for SendError {
+    fn from(why: String) -> Self {
+        SendError::Dead(why)
+    }
+}
+
+/// One SCSI command to run.
+#[derive(Debug, Clone, Copy)]
+pub struct Command {
+    pub cdb: Cdb,
+    /// Data the target sends us (READ, INQUIRY...): its length is the expected transfer.
+    pub data_in: Option<IoBuf>,
+    /// Data we send (WRITE, UNMAP parameter list...).
+    pub data_out: Option<IoBuf>,
+}
+
+impl Command {
+    pub fn none(cdb: Cdb) -> Self {
+        Command {
+            cdb,
+            data_in: None,
+            data_out: None,
+        }
+    }
+
+    fn expected_len(&self) -> u32 {
+        let n = self.data_in.map_or(0, |b| b.len()) + self.data_out.map_or(0, |b| b.len());
+        n as u32
+    }
+}
+
+/// How a command ended, as the target reported it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Completion {
+    pub status: u8,
+    pub sense: Option<Sense>,
+    /// Bytes the target did not transfer (underflow) or could not (overflow, negative).
+    pub residual: i64,
+}
+
+/// What [`Session::execute`] gives back.
+#[derive(Debug)]
+pub enum Outcome {
+    Done(Completion),
+    /// The connection died before the command completed: it may be sent again on a new
+    /// session (the text says why the connection died).
+    Lost(String),
+    /// The deadline passed; the connection was shut down to get the buffer back.
+    TimedOut,
+    /// The target rejected the PDU or sent something that makes no sense for it.
+    Failed(String),
+}
+
+enum Event {
+    /// Send `len` bytes from `offset` of the command's data, under transfer tag `ttt`.
+    R2t {
+        ttt: u32,
+        offset: u32,
+        len: u32,
+    },
+    Done(Completion),
+    Rejected(String),
+    /// The sweeper found the command past its deadline.
+    Expired,
+}
+
+struct Pending {
+    /// Checked by the sweeper (one timer per session, not one per command).
+    deadline: Instant,
+    data_in: Option<IoBuf>,
+    /// Data-In bytes received so far (in order: DataPDUInOrder=Yes).
+    received: u64,
+    events: EventTx,
+}
+
+/// Sequence numbers the reader learns from the target.
+struct Window {
+    exp_cmd_sn: u32,
+    max_cmd_sn: u32,
+}
+
+/// The socket's sending side, held by whoever writes: the flusher of the queue, or a
+/// sender of a large PDU straight from its buffer.
+struct Writer {
+    w: OwnedWriteHalf,
+}
+
+/// Small PDUs waiting to be written, in CmdSN order. Whoever queues into an idle queue
+/// becomes its flusher and writes everything queued (its own and what others add
+/// meanwhile) in as few writes as it can; the others return at once. `flushing` is only
+/// cleared under the lock after the queue was seen empty, so nothing queued is stranded.
+struct Tx {
+    buf: Vec<u8>,
+    flushing: bool,
+    /// The CmdSN the next non-immediate command takes.
+    cmd_sn: u32,
+}
+
+/// A logged-in connection.
+pub struct Session {
+    peer: Peer,
+    lun: u16,
+    pub neg: Negotiated,
+    pub alias: Option<String>,
+    writer: tokio::sync::Mutex<Writer>,
+    tx: Mutex<Tx>,
+    /// A duplicate of the socket, only to shut it down from anywhere.
+    killer: socket2::Socket,
+    table: Mutex<HashMap<u32, Pending>>,
+    window: watch::Sender<Window>,
+    exp_stat_sn: AtomicU32,
+    next_itt: AtomicU32,
+    /// Why the connection ended (None while it is up).
+    dead: watch::Sender<Option<String>>,
+    /// Set once the reader task has ended and dropped every command.
+    reader_done: watch::Sender<bool>,
+    commands: AtomicU64,
+    me: Weak<Session>,
+}
+
+impl Session {
+    /// Take over a logged-in connection and start its reader task.
+    pub fn start(l: LoggedIn, peer: Peer, lun: u16) -> std::io::Result<Arc<Session>> {
+        let killer = socket2::SockRef::from(&l.stream).try_clone()?;
+        let (r, w) = l.stream.into_split();
+        let s = Arc::new_cyclic(|me| Session {
+            me: me.clone(),
+            peer,
+            lun,
+            neg: l.neg,
+            alias: l.alias,
+            writer: tokio::sync::Mutex::new(Writer { w }),
+            tx: Mutex::new(Tx {
+                buf: Vec::with_capacity(64 << 10),
+                flushing: false,
+                cmd_sn: l.neg.cmd_sn,
+            }),
+            killer,
+            table: Mutex::new(HashMap::new()),
+            window: watch::channel(Window {
+                exp_cmd_sn: l.neg.cmd_sn,
+                max_cmd_sn: l.neg.max_cmd_sn,
+            })
+            .0,
+            exp_stat_sn: AtomicU32::new(l.neg.exp_stat_sn),
+            next_itt: AtomicU32::new(1),
+            dead: watch::channel(None).0,
+            reader_done: watch::channel(false).0,
+            commands: AtomicU64::new(0),
+        });
+        tokio::spawn(s.clone().reader(BufReader::with_capacity(READ_AHEAD, r)));
+        tokio::spawn(Session::sweep(Arc::downgrade(&s)));
+        Ok(s)
+    }
+
+    pub fn is_dead(&self) -> bool {
+        self.dead.borrow().is_some()
+    }
+
+    /// Why the connection ended, once it has.
+    pub fn death(&self) -> Option<String> {
+        self.dead.borrow().clone()
+    }
+
+    /// Commands in flight now.
+    pub fn in_flight(&self) -> usize {
+        self.lock_table().len()
+    }
+
+    /// Commands sent since login.
+    pub fn commands(&self) -> u64 {
+        self.commands.load(Ordering::Relaxed)
+    }
+
+    /// Wait until the reader has ended (the connection is gone and no buffer is in use).
+    pub async fn closed(&self) {
+        let mut rx = self.reader_done.subscribe();
+        let _ = rx.wait_for(|d| *d).await;
+    }
+
+    /// End the connection: shut the socket down so the reader ends and every waiter
+    /// learns it. The first reason given is the one kept.
+    pub fn kill(&self, why: &str) {
+        self.dead.send_if_modified(|d| {
+            if d.is_none() {
+                *d = Some(why.to_string());
+                true
+            } else {
+                false
+            }
+        });
+        let _ = self.killer.shutdown(std::net::Shutdown::Both);
+    }
+
+    fn lock_table(&self) -> MutexGuard<'_, HashMap<u32, Pending>> {
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn new_itt(&self) -> u32 {
+        loop {
+            let t = self.next_itt.fetch_add(1, Ordering::Relaxed);
+            if t != RESERVED_TAG && !self.lock_table().contains_key(&t) {
+                return t;
+            }
+        }
+    }
+
+    /// Run one command until the target completes it, the connection dies or the
+    /// deadline passes. Never returns while the reader may still touch `cmd`'s buffers.
+    pub async fn execute(&self, cmd: &Command, deadline: Instant) -> Outcome {
+        let r = self.execute_inner(cmd, deadline).await;
+        if !matches!(r, Outcome::Done(_)) {
+            // Whatever went wrong, the reader must be finished with our buffer first.
+            if matches!(r, Outcome::TimedOut) {
+                self.kill(&format!(
+                    "{} got no answer in time",
+                    super::scsi::command_name(&cmd.cdb)
+                ));
+            } else {
+                self.kill("a command failed on this connection");
+            }
+            self.closed().await;
+        }
+        r
+    }
+
+    async fn execute_inner(&self, cmd: &Command, deadline: Instant) -> Outcome {
+        let itt = self.new_itt();
+        let (tx, mut rx) = events::channel();
+        // No timer here: once registered, the sweeper enforces the deadline.
+        match self.send_command(cmd, itt, tx, deadline).await {
+            Err(SendError::Late) => return Outcome::TimedOut,
+            // The sweeper ends the connection of a command past its deadline.
+            Err(SendError::Dead(_)) if Instant::now() >= deadline => return Outcome::TimedOut,
+            Err(SendError::Dead(why)) => return Outcome::Lost(why),
+            Ok(()) => {}
+        }
+        loop {
+            let Some(ev) = rx.recv().await else {
+                return Outcome::Lost(self.death().unwrap_or_default());
+            };
+            match ev {
+                Event::Done(c) => return Outcome::Done(c),
+                Event::Rejected(why) => return Outcome::Failed(why),
+                Event::Expired => return Outcome::TimedOut,
+                Event::R2t { ttt, offset, len } => {
+                    let Some(out) = cmd.data_out else {
+                        return Outcome::Failed("an R2T for a command with no data to send".into());
+                    };
+                    if let Err(why) = self.send_data_out(itt, ttt, out, offset, len).await {
+                        if Instant::now() >= deadline {
+                            return Outcome::TimedOut;
+                        }
+                        return Outcome::Lost(why);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Wait for room in the command window, register the command and send it (with
+    /// immediate and unsolicited data as negotiated), all in CmdSN order: small ones
+    /// through the send queue, large ones straight from their buffer.
+    async fn send_command(
+        &self,
+        cmd: &Command,
+        itt: u32,
+        events: EventTx,
+        deadline: Instant,
+    ) -> Result<(), SendError> {
+        let (immediate, unsolicited) = self.unsolicited(cmd);
+        let mut b = Bhs::new(pdu::OP_SCSI_CMD);
+        let mut flags = pdu::ATTR_SIMPLE;
+        if cmd.data_in.is_some() {
+            flags |= pdu::F_READ;
+        }
+        if cmd.data_out.is_some() {
+            flags |= pdu::F_WRITE;
+        }
+        if unsolicited == immediate {
+            flags |= pdu::F_FINAL;
+        }
+        b.set_flags(flags);
+        b.set_lun(self.lun);
+        b.set_itt(itt);
+        b.set_u32(20, cmd.expected_len());
+        b.0[32..48].copy_from_slice(&cmd.cdb);
+        let out = cmd.data_out.unwrap_or(IoBuf::empty());
+        // SAFETY: the issuer keeps the buffer alive until execute returns (IoBuf rules).
+        let data = unsafe { out.as_slice() };
+        let pending = Pending {
+            deadline,
+            data_in: cmd.data_in,
+            received: 0,
+            events,
+        };
+        let first = &data[..immediate as usize];
+        if immediate <= INLINE_MAX && unsolicited == immediate {
+            return self.queue_command(b, first, itt, pending, deadline).await;
+        }
+        // Large: hold the wire, take a CmdSN, write what is queued before it, then ours.
+        let mut pending = Some(pending);
+        let (mut w, queued) = loop {
+            let w = self.writer.lock().await;
+            match self.take_cmd_sn(&mut b, itt, &mut pending)? {
+                Some(queued) => break (w, queued),
+                None => {
+                    drop(w);
+                    self.wait_window(deadline).await?;
+                }
+            }
+        };
+        let d = self.neg.digests;
+        self.write_raw(&mut w.w, &queued).await?;
+        self.write_pdu(&mut w.w, &mut b, first, d).await?;
+        if unsolicited > immediate {
+            // InitialR2T=No: the rest of the first burst goes out without waiting.
+            let rest = unsolicited - immediate;
+            self.write_data_out(&mut w.w, itt, RESERVED_TAG, data, immediate, rest)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Queue a small command once the window has room; flush if the queue was idle.
+    async fn queue_command(
+        &self,
+        mut b: Bhs,
+        data: &[u8],
+        itt: u32,
+        pending: Pending,
+        deadline: Instant,
+    ) -> Result<(), SendError> {
+        let mut pending = Some(pending);
+        loop {
+            let lead = {
+                let mut tx = self.lock_tx();
+                if let Some(why) = self.death() {
+                    return Err(SendError::Dead(why));
+                }
+                if !pdu::sn_le(tx.cmd_sn, self.window.borrow().max_cmd_sn) {
+                    None
+                } else {
+                    b.set_u32(24, tx.cmd_sn);
+                    b.set_u32(28, self.exp_stat_sn.load(Ordering::Acquire));
+                    tx.cmd_sn = tx.cmd_sn.wrapping_add(1);
+                    if let Some(p) = pending.take() {
+                        self.lock_table().insert(itt, p);
+                    }
+                    self.commands.fetch_add(1, Ordering::Relaxed);
+                    push_pdu(&mut tx.buf, &mut b, data, self.neg.digests);
+                    Some(!std::mem::replace(&mut tx.flushing, true))
+                }
+            };
+            match lead {
+                Some(true) => return Ok(self.flush().await?),
+                Some(false) => return Ok(()),
+                None => self.wait_window(deadline).await?,
+            }
+        }
+    }
+
+    /// Under the queue lock: if the window has room, give `b` the next CmdSN, register
+    /// the command and hand back what was queued before it (to be written first).
+    fn take_cmd_sn(
+        &self,
+        b: &mut Bhs,
+        itt: u32,
+        pending: &mut Option<Pending>,
+    ) -> Result<Option<Vec<u8>>, SendError> {
+        let mut tx = self.lock_tx();
+        if let Some(why) = self.death() {
+            return Err(SendError::Dead(why));
+        }
+        if !pdu::sn_le(tx.cmd_sn, self.window.borrow().max_cmd_sn) {
+            return Ok(None);
+        }
+        b.set_u32(24, tx.cmd_sn);
+        b.set_u32(28, self.exp_stat_sn.load(Ordering::Acquire));
+        tx.cmd_sn = tx.cmd_sn.wrapping_add(1);
+        if let Some(p) = pending.take() {
+            self.lock_table().insert(itt, p);
+        }
+        self.commands.fetch_add(1, Ordering::Relaxed);
+        Ok(Some(std::mem::take(&mut tx.buf)))
+    }
+
+    /// Write out the queue until it is empty, then give up the flusher role.
+    async fn flush(&self) -> Result<(), String> {
+        let mut w = self.writer.lock().await;
+        let mut local = Vec::new();
+        loop {
+            {
+                let mut tx = self.lock_tx();
+                if tx.buf.is_empty() {
+                    tx.flushing = false;
+                    if tx.buf.capacity() < local.capacity() {
+                        // Keep the larger allocation for next time.
+                        tx.buf = local;
+                    }
+                    return Ok(());
+                }
+                std::mem::swap(&mut tx.buf, &mut local);
+            }
+            let r = self.write_raw(&mut w.w, &local).await;
+            local.clear();
+            if let Err(e) = r {
+                self.lock_tx().flushing = false;
+                return Err(e);
+            }
+        }
+    }
+
+    fn lock_tx(&self) -> MutexGuard<'_, Tx> {
+        self.tx.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Wait until the target's window moves (or the connection dies), until `deadline`.
+    async fn wait_window(&self, deadline: Instant) -> Result<(), SendError> {
+        let mut win = self.window.subscribe();
+        let mut dead = self.dead.subscribe();
+        let max = self.window.borrow().max_cmd_sn;
+        let cmd_sn = self.lock_tx().cmd_sn;
+        if pdu::sn_le(cmd_sn, max) {
+            return Ok(());
+        }
+        let wait = async {
+            tokio::select! {
+                _ = win.changed() => {}
+                _ = dead.changed() => {}
+            }
+        };
+        match tokio::time::timeout_at(deadline, wait).await {
+            Ok(()) => Ok(()),
+            Err(_) => Err(SendError::Late),
+        }
+    }
+
+    /// (bytes sent as immediate data, bytes sent without an R2T in all).
+    fn unsolicited(&self, cmd: &Command) -> (u32, u32) {
+        let Some(out) = cmd.data_out else {
+            return (0, 0);
+        };
+        let len = out.len() as u32;
+        let n = &self.neg;
+        let burst = len.min(n.first_burst);
+        let immediate = if n.immediate_data {
+            burst.min(n.max_send_segment)
+        } else {
+            0
+        };
+        let unsolicited = if n.initial_r2t { immediate } else { burst };
+        (immediate, unsolicited)
+    }
+
+    async fn send_data_out(
+        &self,
+        itt: u32,
+        ttt: u32,
+        out: IoBuf,
+        offset: u32,
+        len: u32,
+    ) -> Result<(), String> {
+        if u64::from(offset) + u64::from(len) > out.len() as u64 {
+            self.kill("R2T beyond the command's data");
+            return Err(format!(
+                "the target asked for {len} bytes at offset {offset} of a {}-byte write",
+                out.len()
+            ));
+        }
+        let mut w = self.writer.lock().await;
+        // SAFETY: as in send_command.
+        let data = unsafe { out.as_slice() };
+        self.write_data_out(&mut w.w, itt, ttt, data, offset, len)
+            .await
+    }
+
+    /// Data-Out PDUs of at most the target's segment size for `[offset, offset+len)`.
+    async fn write_data_out(
+        &self,
+        w: &mut OwnedWriteHalf,
+        itt: u32,
+        ttt: u32,
+        data: &[u8],
+        offset: u32,
+        len: u32,
+    ) -> Result<(), String> {
+        let seg = self.neg.max_send_segment;
+        let mut done = 0u32;
+        let mut data_sn = 0u32;
+        while done < len {
+            let n = seg.min(len - done);
+            let at = offset + done;
+            let mut b = Bhs::new(pdu::OP_DATA_OUT);
+            b.set_flags(if done + n == len { pdu::F_FINAL } else { 0 });
+            b.set_lun(self.lun);
+            b.set_itt(itt);
+            b.set_u32(20, ttt);
+            b.set_u32(28, self.exp_stat_sn.load(Ordering::Acquire));
+            b.set_u32(36, data_sn);
+            b.set_u32(40, at);
+            let part = &data[at as usize..(at + n) as usize];
+            self.write_pdu(w, &mut b, part, self.neg.digests).await?;
+            done += n;
+            data_sn += 1;
+        }
+        Ok(())
+    }
+
+    async fn write_pdu(
+        &self,
+        w: &mut OwnedWriteHalf,
+        b: &mut Bhs,
+        data: &[u8],
+        d: Digests,
+    ) -> Result<(), String> {
+        b.set_data_len(data.len() as u32);
+        let (h, hn) = pdu::header_bytes(b, d);
+        let (t, tn) = pdu::trailer(data, d);
+        write_all_vectored(w, &[&h[..hn], data, &t[..tn]])
+            .await
+            .map_err(|e| {
+                let why = format!("cannot send to the target: {e}");
+                self.kill(&why);
+                why
+            })
+    }
+
+    async fn write_raw(&self, w: &mut OwnedWriteHalf, bytes: &[u8]) -> Result<(), String> {
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        w.write_all(bytes).await.map_err(|e| {
+            let why = format!("cannot send to the target: {e}");
+            self.kill(&why);
+            why
+        })
+    }
+
+    /// NOP-Out ping; Ok once the target's NOP-In answers it.
+    pub async fn ping(&self, deadline: Instant) -> Result<(), String> {
+        let itt = self.new_itt();
+        let (tx, mut rx) = events::channel();
+        self.lock_table().insert(
+            itt,
+            Pending {
+                deadline,
+                data_in: None,
+                received: 0,
+                events: tx,
+            },
+        );
+        let mut b = Bhs::new(pdu::OP_NOP_OUT);
+        b.set_immediate();
+        b.set_flags(pdu::F_FINAL);
+        b.set_itt(itt);
+        b.set_u32(20, RESERVED_TAG);
+        // Not cut short by a timer (the queue's flusher must finish): past the deadline the
+        // sweeper ends the connection, which ends this too.
+        let r = match self.send_immediate(b).await {
+            Err(e) => Err(e),
+            Ok(()) => match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Err(_) => Err("no NOP-In answered our NOP-Out in time".to_string()),
+                Ok(None) => Err(self.death().unwrap_or_default()),
+                Ok(Some(Event::Expired)) => Err("no NOP-In answered our NOP-Out in time".into()),
+                Ok(Some(_)) => Ok(()),
+            },
+        };
+        self.lock_table().remove(&itt);
+        r
+    }
+
+    /// Send an immediate PDU (NOP-Out, Logout): it carries the current CmdSN without
+    /// taking it.
+    async fn send_immediate(&self, mut b: Bhs) -> Result<(), String> {
+        let lead = {
+            let mut tx = self.lock_tx();
+            if let Some(why) = self.death() {
+                return Err(why);
+            }
+            b.set_u32(24, tx.cmd_sn);
+            b.set_u32(28, self.exp_stat_sn.load(Ordering::Acquire));
+            push_pdu(&mut tx.buf, &mut b, &[], self.neg.digests);
+            !std::mem::replace(&mut tx.flushing, true)
+        };
+        if lead {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Send a Logout request now, without waiting, if nothing else is being written (a
+    /// PDU must not land in the middle of another): for a member closing while the
+    /// process may be about to exit. Returns whether it was sent.
+    pub fn logout_now(&self) -> bool {
+        use std::io::Write;
+        if self.is_dead() {
+            return false;
+        }
+        let Ok(_wire) = self.writer.try_lock() else {
+            return false;
+        };
+        let tx = self.lock_tx();
+        if tx.flushing || !tx.buf.is_empty() {
+            return false;
+        }
+        let mut b = Bhs::new(pdu::OP_LOGOUT_REQ);
+        b.set_immediate();
+        b.set_flags(pdu::F_FINAL); // reason 0: close the session
+        b.set_itt(self.new_itt());
+        b.set_u32(24, tx.cmd_sn);
+        b.set_u32(28, self.exp_stat_sn.load(Ordering::Acquire));
+        let bytes = pdu::encode(&b, &[], self.neg.digests);
+        // The socket is non-blocking: 48 bytes fit an idle send buffer, or we give up.
+        matches!((&self.killer).write(&bytes), Ok(n) if n == bytes.len())
+    }
+
+    /// Log out (close the session) and end the connection, waiting at most until
+    /// `deadline` for the target's answer.
+    pub async fn logout(&self, deadline: Instant) {
+        if self.is_dead() {
+            return;
+        }
+        let itt = self.new_itt();
+        let (tx, mut rx) = events::channel();
+        self.lock_table().insert(
+            itt,
+            Pending {
+                deadline,
+                data_in: None,
+                received: 0,
+                events: tx,
+            },
+        );
+        let mut b = Bhs::new(pdu::OP_LOGOUT_REQ);
+        b.set_immediate();
+        b.set_flags(pdu::F_FINAL); // reason 0: close the session
+        b.set_itt(itt);
+        if self.send_immediate(b).await.is_ok() {
+            let _ = tokio::time::timeout_at(deadline, rx.recv()).await;
+        }
+        self.kill("logged out");
+        self.closed().await;
+    }
+
+    /// Every [`SWEEP_EVERY`], tell commands past their deadline so (their callers then
+    /// end the connection). Ends with the session.
+    async fn sweep(me: Weak<Session>) {
+        loop {
+            tokio::time::sleep(SWEEP_EVERY).await;
+            let Some(s) = me.upgrade() else { return };
+            if s.is_dead() {
+                return;
+            }
+            let now = Instant::now();
+            let mut late = 0;
+            for p in s.lock_table().values().filter(|p| p.deadline <= now) {
+                p.events.send(Event::Expired);
+                late += 1;
+            }
+            if late > 0 {
+                // Also frees a caller stuck writing to a target that stopped reading.
+                s.kill(&format!("{late} command(s) got no answer in time"));
+            }
+        }
+    }
+}
+
+/// Append one whole PDU (header, data, padding, digests) to a send queue.
+fn push_pdu(buf: &mut Vec<u8>, b: &mut Bhs, data: &[u8], d: Digests) {
+    b.set_data_len(data.len() as u32);
+    let (h, hn) = pdu::header_bytes(b, d);
+    let (t, tn) = pdu::trailer(data, d);
+    buf.extend_from_slice(&h[..hn]);
+    buf.extend_from_slice(data);
+    buf.extend_from_slice(&t[..tn]);
+}
+
+/// `write_all` over several slices, in as few syscalls as the socket takes.
+async fn write_all_vectored<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    parts: &[&[u8]],
+) -> std::io::Result<()> {
+    let mut idx = 0;
+    let mut off = 0;
+    while idx < parts.len() {
+        if parts[idx].len() == off {
+            idx += 1;
+            off = 0;
+            continue;
+        }
+        let mut slices = Vec::with_capacity(parts.len() - idx);
+        slices.push(IoSlice::new(&parts[idx][off..]));
+        slices.extend(parts[idx + 1..].iter().map(|p| IoSlice::new(p)));
+        let mut n = w.write_vectored(&slices).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        while n > 0 && idx < parts.len() {
+            let left = parts[idx].len() - off;
+            if n >= left {
+                n -= left;
+                idx += 1;
+                off = 0;
+            } else {
+                off += n;
+                n = 0;
+            }
+        }
+    }
+    Ok(())
+}
