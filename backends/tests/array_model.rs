@@ -273,6 +273,69 @@ fn concurrent_unaligned_writes_to_one_block_all_survive() {
     });
 }
 
+/// Unaligned writes that between them hold every buffer of the pool's only class: each
+/// read-modify-write still gets its edge block (from the array's own edge buffers, not the
+/// exhausted pool) and completes. Before the edge buffers existed this waited for ever.
+#[test]
+fn unaligned_writes_holding_every_pool_buffer_still_complete() {
+    runtime().block_on(async {
+        let members: Vec<Arc<dyn Member>> = (0..2)
+            .map(|i| Arc::new(MemMember::new(&format!("mem:4MiB#{i}"), 4 * MIB)) as Arc<dyn Member>)
+            .collect();
+        let spec = ArraySpec {
+            name: "tight".into(),
+            level: LevelKind::Raid1,
+            chunk: 65536,
+            queue_depth: 8,
+            policy: "fifo".into(),
+        };
+        const BUFFERS: usize = 8;
+        let pool = BufPool::new(&PoolConfig {
+            classes: vec![(4096, BUFFERS)],
+        })
+        .unwrap();
+        let a = Arc::new(assemble(&spec, members, pool, false).await.unwrap().0);
+        // Take every buffer first, then submit: no write can finish before all are held.
+        let mut held = Vec::new();
+        for i in 0..BUFFERS as u64 {
+            let (off, len) = (i * 4096 + 100, 300);
+            let mut b = a.buffer(off, len).await.unwrap();
+            b.data_mut().fill(i as u8 + 1);
+            held.push((off, len, b));
+        }
+        let writes = held.into_iter().map(|(off, len, mut b)| {
+            let a = a.clone();
+            async move {
+                let io = FrontIo {
+                    op: Op::Write,
+                    offset: off,
+                    len,
+                    flags: Flags::default(),
+                };
+                a.submit(io, Some(&mut b)).await.unwrap();
+            }
+        });
+        tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            futures::future::join_all(writes),
+        )
+        .await
+        .expect("unaligned writes holding the whole pool never finished (edge-block deadlock)");
+        for i in 0..BUFFERS as u64 {
+            let (off, len) = (i * 4096 + 100, 300);
+            let mut b = a.buffer(off, len).await.unwrap();
+            let io = FrontIo {
+                op: Op::Read,
+                offset: off,
+                len,
+                flags: Flags::default(),
+            };
+            a.submit(io, Some(&mut b)).await.unwrap();
+            assert!(b.data().iter().all(|&x| x == i as u8 + 1), "write {i} lost");
+        }
+    });
+}
+
 #[test]
 fn out_of_range_and_oversized_requests_are_refused() {
     runtime().block_on(async {

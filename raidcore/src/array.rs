@@ -63,6 +63,12 @@ pub struct Array {
     block_size: u32,
     queue: IoQueue,
     pub(crate) pool: BufPool,
+    /// Edge blocks of read-modify-write cycles come from here, not from `pool`: a cycle
+    /// already holds a front buffer, and if front buffers could exhaust the class its edge
+    /// block needs, every cycle would wait for another for ever. A cycle holds an edge
+    /// buffer only under one of the `rmw_locks`, one at a time, so with one buffer per
+    /// lock an edge block never waits.
+    edge_pool: BufPool,
     closed: AtomicBool,
     rmw_locks: Vec<AsyncMutex<()>>,
     pub(crate) superblocks: AsyncMutex<Vec<Superblock>>,
@@ -75,7 +81,8 @@ pub struct Array {
 
 impl Array {
     /// Put an array together. `members[i]` must be the level's member `i`; the caller
-    /// (assembly) has checked sizes and metadata.
+    /// (assembly) has checked sizes and metadata. Fails only when the read-modify-write
+    /// buffers cannot be mapped.
     pub fn new(
         name: String,
         uuid: Uuid,
@@ -84,7 +91,7 @@ impl Array {
         queue: IoQueue,
         pool: BufPool,
         superblocks: Vec<Superblock>,
-    ) -> Self {
+    ) -> std::io::Result<Self> {
         // Every member of one array shares the data offset it was initialised with.
         let data_offset = superblocks
             .first()
@@ -96,7 +103,10 @@ impl Array {
             .max()
             .unwrap_or(512)
             .max(512);
-        Array {
+        let edge_pool = BufPool::new(&crate::buf_pool::PoolConfig {
+            classes: vec![(crate::buf_pool::ALIGN, RMW_LOCKS)],
+        })?;
+        Ok(Array {
             name,
             uuid,
             level,
@@ -105,12 +115,13 @@ impl Array {
             block_size,
             queue,
             pool,
+            edge_pool,
             closed: AtomicBool::new(false),
             rmw_locks: (0..RMW_LOCKS).map(|_| AsyncMutex::new(())).collect(),
             superblocks: AsyncMutex::new(superblocks),
             resync_gate: tokio::sync::RwLock::new(()),
             rebuilding: AtomicBool::new(false),
-        }
+        })
     }
 
     pub fn size(&self) -> u64 {
@@ -320,11 +331,11 @@ impl Array {
         self.write_aligned(start, iobuf, Op::Write, fua).await
     }
 
-    /// Read one block into a fresh pool buffer.
+    /// Read one block into an edge buffer. Called only under the block's RMW lock.
     async fn edge_block(&self, at: u64) -> IoResult<PoolBuf> {
         let bs = self.block_size as usize;
         let mut blk = self
-            .pool
+            .edge_pool
             .get(bs)
             .await
             .ok_or_else(|| IoError::Invalid("no buffer for an edge block".into()))?;

@@ -32,6 +32,11 @@ pub struct ArraySpec {
 
 #[derive(Debug, Error)]
 pub enum AssembleError {
+    #[error("array {array}: cannot map its read-modify-write buffers: {error}; free some memory and start again")]
+    Memory {
+        array: String,
+        error: std::io::Error,
+    },
     #[error("member {address} is {size} bytes; array {array} needs at least {need} bytes per member ({data_offset} of metadata + {min_data} of data)")]
     TooSmall {
         address: String,
@@ -309,6 +314,11 @@ pub async fn assemble(
             })?;
     }
     let queue = IoQueue::new(spec.queue_depth, policy);
-    let array = Array::new(spec.name.clone(), array_uuid, lvl, slots, queue, pool, sbs);
+    let array = Array::new(spec.name.clone(), array_uuid, lvl, slots, queue, pool, sbs).map_err(
+        |error| AssembleError::Memory {
+            array: spec.name.clone(),
+            error,
+        },
+    )?;
     Ok((array, report))
 }
