@@ -197,10 +197,9 @@ impl Array {
                 self.max_io()
             )));
         }
+        let span = self.buffer_len(offset, len);
         let bs = self.block_size as u64;
         let start = offset / bs * bs;
-        let end = (offset + len).div_ceil(bs) * bs;
-        let span = (end - start).max(bs) as usize;
         let buf = self
             .pool
             .get(span)
@@ -211,6 +210,15 @@ impl Array {
             pad: (offset - start) as usize,
             len: len as usize,
         })
+    }
+
+    /// How many bytes `buffer(offset, len)` takes from the pool: the request widened to
+    /// whole blocks.
+    pub fn buffer_len(&self, offset: u64, len: u64) -> usize {
+        let bs = self.block_size as u64;
+        let start = offset / bs * bs;
+        let end = (offset + len).div_ceil(bs) * bs;
+        (end - start).max(bs) as usize
     }
 
     /// Execute one frontend request. Read and Write need the buffer from `buffer()` for the

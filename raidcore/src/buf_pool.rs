@@ -102,6 +102,11 @@ impl BufPool {
         self.inner.classes.iter().position(|c| c.cap >= len)
     }
 
+    /// Which size class a buffer of `len` bytes comes from (an index into `usage()`).
+    pub fn class_index(&self, len: usize) -> Option<usize> {
+        self.class_for(len)
+    }
+
     /// A buffer of at least `len` bytes, waiting while its class is exhausted.
     /// Returns None only when no class is large enough.
     pub async fn get(&self, len: usize) -> Option<PoolBuf> {

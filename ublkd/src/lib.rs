@@ -5,5 +5,6 @@ pub mod daemon;
 pub mod layout;
 pub mod mgmt_api;
 pub mod nbd_server;
+pub mod stall;
 pub mod status;
 pub mod ublk;

@@ -25,6 +25,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use backends::nbd::wire::{self, ChunkHeader, Greeting, OptionHeader, OptionReply, Request};
 use backends::nbd::wire::{SimpleReply, META_BASE_ALLOCATION};
 use raidcore::{ArrayRef, Flags, FrontBuf, FrontIo, IoError, Op};
+
+use crate::stall::StallWriter;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{TcpListener, UnixListener, UnixStream};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
@@ -47,6 +49,13 @@ const WRITE_BUF: usize = 256 << 10;
 const BASE_ALLOCATION_ID: u32 = 1;
 /// How long `shutdown` waits, after forcing connections closed, for their tasks to notice.
 const FORCE_GRACE: Duration = Duration::from_secs(1);
+/// One connection holds at most 1/SHARE_DIVISOR of each pool class's buffers, so a client
+/// that stops reading its replies (they keep their buffers until written) cannot starve
+/// the other clients on its own.
+const SHARE_DIVISOR: usize = 4;
+/// A connection whose peer accepts no byte of its replies for this long is ended and its
+/// replies' buffers go back to the pool (see `stall.rs`).
+pub const REPLY_STALL: Duration = Duration::from_secs(60);
 
 /// One array offered under a name.
 pub struct Export {
@@ -64,6 +73,8 @@ pub struct NbdServer {
     force: watch::Sender<bool>,
     /// Open connections (handshake or transmission).
     conns: watch::Sender<usize>,
+    /// See [`REPLY_STALL`].
+    reply_stall: Duration,
 }
 
 type BoxRead = Box<dyn AsyncRead + Send + Unpin>;
@@ -71,11 +82,17 @@ type BoxWrite = Box<dyn AsyncWrite + Send + Unpin>;
 
 impl NbdServer {
     pub fn new(exports: Vec<Export>) -> Arc<Self> {
+        Self::with_reply_stall(exports, REPLY_STALL)
+    }
+
+    /// `new`, ending connections whose peer reads nothing of its replies for `stall`.
+    pub fn with_reply_stall(exports: Vec<Export>, stall: Duration) -> Arc<Self> {
         Arc::new(NbdServer {
             exports,
             stopping: watch::channel(false).0,
             force: watch::channel(false).0,
             conns: watch::channel(0).0,
+            reply_stall: stall,
         })
     }
 
@@ -158,6 +175,7 @@ impl NbdServer {
     /// violation or shutdown.
     async fn serve(self: &Arc<Self>, r: BoxRead, w: BoxWrite, peer: &str) -> io::Result<()> {
         let mut r = BufReader::with_capacity(READ_BUF, r);
+        let w: BoxWrite = Box::new(StallWriter::new(w, self.reply_stall));
         let mut w = BufWriter::with_capacity(WRITE_BUF, w);
         let mut stop = self.stopping.subscribe();
         let session = tokio::select! {
@@ -753,7 +771,15 @@ enum Body {
 struct Outgoing {
     handle: u64,
     body: Body,
+    _held: Held,
+}
+
+/// What a request holds until its reply is written: its place among the connection's
+/// requests in flight and, for reads and writes, its share of the pool class its buffer
+/// comes from.
+struct Held {
     _slot: OwnedSemaphorePermit,
+    _share: Option<OwnedSemaphorePermit>,
 }
 
 /// One connection in transmission, shared by its reader loop and request tasks.
@@ -766,6 +792,8 @@ struct Conn {
     max_len: u64,
     tx: mpsc::Sender<Outgoing>,
     slots: Arc<Semaphore>,
+    /// Per pool class: the buffers this connection may hold at once.
+    shares: Vec<Arc<Semaphore>>,
 }
 
 enum Flow {
@@ -788,6 +816,7 @@ impl NbdServer {
         let conn = Arc::new(Conn {
             size: array.size(),
             max_len: block_sizes(&array).2 as u64,
+            shares: array_shares(&array),
             array,
             peer: peer.to_string(),
             structured: s.structured,
@@ -832,17 +861,23 @@ impl Conn {
         if q.typ == wire::CMD_DISC {
             return Ok(Flow::Stop);
         }
-        let slot = self
+        let permit = self
             .slots
             .clone()
             .acquire_owned()
             .await
             .expect("slots never close");
+        let slot = Held {
+            _slot: permit,
+            _share: None,
+        };
         if q.typ == wire::CMD_WRITE {
             return self.start_write(r, q, slot).await;
         }
         match self.validate(&q) {
             Ok(()) => {
+                let mut slot = slot;
+                self.take_share(&mut slot, &q).await;
                 tokio::spawn(self.clone().execute(q, None, slot));
             }
             Err(e) => self.refuse(q, e, slot).await,
@@ -856,19 +891,22 @@ impl Conn {
         self: &Arc<Self>,
         r: &mut Rd,
         q: Request,
-        slot: OwnedSemaphorePermit,
+        mut slot: Held,
     ) -> io::Result<Flow> {
         let refusal = match self.validate(&q) {
-            Ok(()) => match self.array.buffer(q.offset, q.len as u64).await {
-                Ok(mut buf) => {
-                    // A client vanishing here leaves nothing written and nothing
-                    // acknowledged: the buffer is dropped with the error.
-                    r.read_exact(buf.data_mut()).await?;
-                    tokio::spawn(self.clone().execute(q, Some(buf), slot));
-                    return Ok(Flow::Continue);
+            Ok(()) => {
+                self.take_share(&mut slot, &q).await;
+                match self.array.buffer(q.offset, q.len as u64).await {
+                    Ok(mut buf) => {
+                        // A client vanishing here leaves nothing written and nothing
+                        // acknowledged: the buffer is dropped with the error.
+                        r.read_exact(buf.data_mut()).await?;
+                        tokio::spawn(self.clone().execute(q, Some(buf), slot));
+                        return Ok(Flow::Continue);
+                    }
+                    Err(e) => Refusal::from_io(&e),
                 }
-                Err(e) => Refusal::from_io(&e),
-            },
+            }
             Err(refusal) => refusal,
         };
         if q.len > MAX_WRITE_SKIP {
@@ -878,6 +916,18 @@ impl Conn {
         skip(r, q.len as u64).await?;
         self.refuse(q, refusal, slot).await;
         Ok(Flow::Continue)
+    }
+
+    /// A READ or WRITE waits for this connection's share of the pool class its buffer
+    /// comes from (see [`SHARE_DIVISOR`]); other commands take no buffer.
+    async fn take_share(&self, held: &mut Held, q: &Request) {
+        if !matches!(q.typ, wire::CMD_READ | wire::CMD_WRITE) {
+            return;
+        }
+        let span = self.array.buffer_len(q.offset, q.len as u64);
+        if let Some(class) = self.array.pool().class_index(span) {
+            held._share = self.shares[class].clone().acquire_owned().await.ok();
+        }
     }
 
     /// Check a request against the spec's rules before anything runs.
@@ -933,16 +983,16 @@ impl Conn {
         Ok(())
     }
 
-    async fn refuse(&self, q: Request, e: Refusal, slot: OwnedSemaphorePermit) {
+    async fn refuse(&self, q: Request, e: Refusal, slot: Held) {
         tracing::debug!(peer = %self.peer, cmd = q.typ, offset = q.offset, len = q.len, error = e.error, msg = %e.msg, "NBD request refused");
         self.send(q.handle, e.into_body(), slot).await;
     }
 
-    async fn send(&self, handle: u64, body: Body, slot: OwnedSemaphorePermit) {
+    async fn send(&self, handle: u64, body: Body, slot: Held) {
         let out = Outgoing {
             handle,
             body,
-            _slot: slot,
+            _held: slot,
         };
         // Fails only when the writer gave up (forced close): the reply is dropped.
         let _ = self.tx.send(out).await;
@@ -950,12 +1000,7 @@ impl Conn {
 
     /// Run one validated request to completion and queue its reply. Spawned; never
     /// aborted.
-    async fn execute(
-        self: Arc<Self>,
-        q: Request,
-        buf: Option<FrontBuf>,
-        slot: OwnedSemaphorePermit,
-    ) {
+    async fn execute(self: Arc<Self>, q: Request, buf: Option<FrontBuf>, slot: Held) {
         let body = match q.typ {
             wire::CMD_READ => self.read(&q).await,
             wire::CMD_WRITE => match buf {
@@ -1053,6 +1098,16 @@ impl Refusal {
             msg: self.msg,
         }
     }
+}
+
+/// One semaphore per pool class, with 1/SHARE_DIVISOR of the class's buffers.
+fn array_shares(array: &ArrayRef) -> Vec<Arc<Semaphore>> {
+    array
+        .pool()
+        .usage()
+        .iter()
+        .map(|&(_, _, total)| Arc::new(Semaphore::new((total / SHARE_DIVISOR).max(1))))
+        .collect()
 }
 
 fn status(r: Result<(), IoError>) -> Body {

@@ -109,8 +109,12 @@ struct Fixture {
 
 impl Fixture {
     async fn start(exports: Vec<Export>) -> Fixture {
+        Fixture::start_with_stall(exports, ublkd::nbd_server::REPLY_STALL).await
+    }
+
+    async fn start_with_stall(exports: Vec<Export>, stall: Duration) -> Fixture {
         let array = exports[0].array.clone();
-        let server = NbdServer::new(exports);
+        let server = NbdServer::with_reply_stall(exports, stall);
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("nbd.sock");
         let unix = format!("unix:{}", sock.display());
@@ -1262,4 +1266,93 @@ async fn listen_errors_and_stale_sockets() {
     }
     a.shutdown(Duration::from_secs(5)).await;
     b.shutdown(Duration::from_secs(5)).await;
+}
+
+/// The 1 MiB buffer class of the array's pool: (free, total).
+fn mib_class(a: &ArrayRef) -> (usize, usize) {
+    let (_, free, total) = a
+        .pool()
+        .usage()
+        .into_iter()
+        .find(|&(cap, _, _)| cap >= 1 << 20)
+        .expect("a class for 1 MiB requests");
+    (free, total)
+}
+
+/// A client that pipelines 1 MiB reads and never reads a reply holds at most its share of
+/// the pool's 1 MiB buffers: another client's 1 MiB writes and reads go on meanwhile.
+/// (Without the share, the stuck client's replies held every such buffer and the other
+/// client waited for ever.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_its_replies_starves_no_other_client() {
+    let f = Fixture::one("h0", raid1("h0").await).await;
+    let (_, total) = mib_class(&f.array);
+    let mut hog = Raw::connect(&f.sock, "h0", true).await;
+    for i in 0..(2 * total as u64) {
+        hog.send(CMD_READ, 0, (i % 48) << 20, 1 << 20, &[]).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (free, _) = mib_class(&f.array);
+    assert!(
+        free >= total - total / 4,
+        "the stuck client holds {} of {total} 1 MiB buffers",
+        total - free
+    );
+    let mut good = Raw::connect(&f.sock, "h0", true).await;
+    let work = async {
+        for k in 0..8u64 {
+            let data = pattern(1 << 20, k as u8);
+            assert_eq!(good.write((50 + k) << 20, &data).await, 0);
+            assert_eq!(good.read((50 + k) << 20, 1 << 20).await, data);
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), work)
+        .await
+        .expect("another client's 1 MiB I/O waited behind a client that does not read");
+    drop(hog);
+}
+
+/// A client that reads none of its replies for the stall limit is disconnected and every
+/// buffer its replies held goes back to the pool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_reader_is_cut_off_and_its_buffers_return() {
+    let exports = vec![Export {
+        name: "h1".into(),
+        description: "stall test".into(),
+        array: raid1("h1").await,
+    }];
+    let f = Fixture::start_with_stall(exports, Duration::from_secs(1)).await;
+    let (_, total) = mib_class(&f.array);
+    let mut hog = Raw::connect(&f.sock, "h1", true).await;
+    let sent = 40u64;
+    for i in 0..sent {
+        hog.send(CMD_READ, 0, i << 20, 1 << 20, &[]).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Drain: whatever was written before the stall, then end of stream.
+    let mut got = 0u64;
+    let mut chunk = vec![0u8; 1 << 20];
+    let drained = tokio::time::timeout(T, async {
+        loop {
+            match hog.s.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got += n as u64,
+            }
+        }
+    })
+    .await;
+    assert!(drained.is_ok(), "the stalled connection was never closed");
+    assert!(
+        got < sent << 20,
+        "all {sent} replies arrived ({got} bytes): the connection was not cut off"
+    );
+    let t0 = std::time::Instant::now();
+    while mib_class(&f.array).0 != total {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "1 MiB buffers still held after the cut-off: {:?}",
+            mib_class(&f.array)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
