@@ -42,6 +42,16 @@ impl IoError {
         }
     }
 
+    /// The errno a block device reports to its users: a member that timed out or is
+    /// disconnected is an I/O error of the range it holds (EIO), as for a failed disk;
+    /// everything else keeps its errno.
+    pub fn block_errno(&self) -> i32 {
+        match self {
+            IoError::Timeout(_) | IoError::Disconnected(_) => libc::EIO,
+            other => other.errno(),
+        }
+    }
+
     /// Build from a raw errno reported by a member (a negative io_uring result, say).
     pub fn from_errno(what: &str, errno: i32) -> Self {
         match errno {
@@ -60,3 +70,17 @@ impl From<std::io::Error> for IoError {
 }
 
 pub type IoResult<T = ()> = Result<T, IoError>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn block_devices_report_lost_members_as_eio() {
+        assert_eq!(IoError::Timeout("m".into()).block_errno(), libc::EIO);
+        assert_eq!(IoError::Disconnected("m".into()).block_errno(), libc::EIO);
+        assert_eq!(IoError::Timeout("m".into()).errno(), libc::ETIMEDOUT);
+        assert_eq!(IoError::NoSpace("m".into()).block_errno(), libc::ENOSPC);
+        assert_eq!(IoError::Invalid("m".into()).block_errno(), libc::EINVAL);
+    }
+}

@@ -484,6 +484,59 @@ fn errors_mid_run(error_args: &[&str]) -> (Rig, NbdkitServer, Tmp) {
     (rig, kit, files)
 }
 
+/// raid0 has no second copy: while the remote member fails reads, a read of one of its
+/// chunks gets EIO, reads of the local member's chunks still succeed with their data, and
+/// a read spanning both fails as a whole. The array is not degraded by it (nothing to fall
+/// back on), and once the server is well again the same chunks read back intact.
+#[test]
+fn raid0_member_errors_fail_only_that_members_chunks_with_eio() {
+    if !fixtures::require_all(&["nbdkit", "qemu-io"]) {
+        return;
+    }
+    let files = Tmp::new().unwrap();
+    let local = member_file(&files, "local.img");
+    let kit = Nbdkit::memory(MEMBER_SIZE)
+        .error_filter(&["error=EIO", "error-pread-rate=100%"])
+        .start()
+        .unwrap();
+    let rig = Rig::start("r0err", "raid0", &[file_addr(&local), kit.uri()], "");
+    let uri = rig.uri();
+    // Chunks 0 and 2 live on the local file (member 0), 1 and 3 on nbdkit (member 1).
+    let c = CHUNK;
+    let writes: Vec<String> = (0..4u64)
+        .map(|k| format!("write -P {} {} {c}", 0x11 * (k + 1), k * c))
+        .collect();
+    let refs: Vec<&str> = writes.iter().map(|w| w.as_str()).collect();
+    fixtures::qemu_io_ok(&uri, &refs).unwrap();
+    kit.set_failing(true).unwrap();
+    for k in [0u64, 2] {
+        let cmd = format!("read -P {} {} {c}", 0x11 * (k + 1), k * c);
+        fixtures::qemu_io_ok(&uri, &[&cmd])
+            .unwrap_or_else(|e| panic!("chunk {k} is on the healthy local member: {e:#}"));
+    }
+    for (what, cmd) in [
+        ("chunk 1", format!("read {c} {c}")),
+        ("chunk 3", format!("read {} {c}", 3 * c)),
+        ("chunks 0-1", format!("read 0 {}", 2 * c)),
+    ] {
+        let out = fixtures::qemu_io(&uri, &[&cmd]).unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            text.contains("Input/output error"),
+            "{what} on the failing member must read as EIO: {text}"
+        );
+    }
+    kit.set_failing(false).unwrap();
+    for k in 0..4u64 {
+        let cmd = format!("read -P {} {} {c}", 0x11 * (k + 1), k * c);
+        fixtures::qemu_io_ok(&uri, &[&cmd]).unwrap();
+    }
+}
+
 #[test]
 fn read_errors_mid_run_fault_the_remote_member_and_fio_sees_none() {
     if !fixtures::require_all(&["nbdkit", "fio"]) {

@@ -94,7 +94,7 @@ pub async fn execute(array: &Array, io: FrontIo, data: &TagBuf) -> i32 {
         Ok(()) => 0,
         Err(e) => {
             tracing::debug!(array = %array.name, ?io, error = %e, "ublk request failed");
-            -e.errno()
+            -e.block_errno()
         }
     }
 }
