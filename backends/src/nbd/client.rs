@@ -2145,3 +2145,33 @@ mod tests {
         ));
     }
 }
+
+#[cfg(test)]
+mod tcp_option_tests {
+    use super::*;
+
+    /// A dead peer must become a dead connection: NBD connections carry keepalive probes
+    /// (10 s idle, then every 5 s, 3 tries), TCP_USER_TIMEOUT equal to the request
+    /// deadline, and no Nagle delay.
+    #[tokio::test]
+    async fn tcp_connections_get_keepalive_user_timeout_and_nodelay() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let s = TcpStream::connect(addr).await.unwrap();
+        let opts = ConnectOptions {
+            connect_timeout: Duration::from_secs(1),
+            user_timeout: Duration::from_secs(7),
+        };
+        tune_tcp(&s, &opts);
+        let sock = SockRef::from(&s);
+        assert!(sock.nodelay().unwrap());
+        assert!(sock.keepalive().unwrap());
+        assert_eq!(sock.keepalive_time().unwrap(), Duration::from_secs(10));
+        assert_eq!(sock.keepalive_interval().unwrap(), Duration::from_secs(5));
+        assert_eq!(sock.keepalive_retries().unwrap(), 3);
+        assert_eq!(
+            sock.tcp_user_timeout().unwrap(),
+            Some(Duration::from_secs(7))
+        );
+    }
+}
