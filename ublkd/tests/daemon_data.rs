@@ -215,6 +215,12 @@ impl Rig {
     /// Creates the member files and starts `ublkd` with a layout exporting the array on
     /// 127.0.0.1:PORT and on a unix socket in the daemon's scratch directory.
     fn start(level: Level, file_sizes: &[u64]) -> Rig {
+        Self::start_with(level, file_sizes, "", &[])
+    }
+
+    /// [`Rig::start`] with `array_keys` (TOML lines) added to the array's table and `env`
+    /// set for the daemon.
+    fn start_with(level: Level, file_sizes: &[u64], array_keys: &str, env: &[(&str, &str)]) -> Rig {
         let files = Tmp::new().unwrap();
         let members: Vec<PathBuf> = (0..file_sizes.len())
             .map(|i| files.join(format!("m{i}.img")))
@@ -231,11 +237,12 @@ impl Rig {
             .join(", ");
         let layout = format!(
             "[[array]]\nname = \"{name}\"\nlevel = \"{}\"\nchunk = \"64KiB\"\nmembers = [{list}]\n\
-             export.nbd = {{ listen = [\"127.0.0.1:{port}\", \"unix:{}/{name}.sock\"] }}\n",
+             export.nbd = {{ listen = [\"127.0.0.1:{port}\", \"unix:{}/{name}.sock\"] }}\n\
+             {array_keys}",
             level.name(),
             fixtures::DIR_PLACEHOLDER,
         );
-        let daemon = Daemon::start(bin(), &layout, &[])
+        let daemon = Daemon::start_with_env(bin(), &layout, &[], env)
             .unwrap_or_else(|e| panic!("ublkd did not start with\n{layout}\n{e:#}"));
         Rig {
             daemon,
@@ -583,7 +590,11 @@ fn pattern_round_trip(level: Level, file_sizes: &[u64]) {
     if !fixtures::require("qemu-io") {
         return;
     }
-    let mut rig = Rig::start(level, file_sizes);
+    pattern_round_trip_on(Rig::start(level, file_sizes));
+}
+
+/// [`pattern_round_trip`] on a rig already started.
+fn pattern_round_trip_on(mut rig: Rig) {
     let mut spans = spans(&rig.geo, 0);
     let size = rig.size();
     // Write-zeroes (plain and may-unmap) and a discard punched unaligned into the middle of
@@ -741,7 +752,11 @@ fn fio_round(level: Level, file_sizes: &[u64]) {
     if !fixtures::require("fio") {
         return;
     }
-    let mut rig = Rig::start(level, file_sizes);
+    fio_round_on(Rig::start(level, file_sizes));
+}
+
+/// [`fio_round`] on a rig already started.
+fn fio_round_on(mut rig: Rig) {
     assert!(rig.size() >= 128 * MIB);
     fio_verified(&rig.uri(), 32 * MIB, "--bs=4k");
     fio_verified(
@@ -767,6 +782,53 @@ fn fio_verified_multi_conn_raid1() {
 #[test]
 fn fio_verified_multi_conn_raid10() {
     fio_round(Level::Raid10, &[72 * MIB; 4]);
+}
+
+// ---- Start-up choices: the local engine, the queue policy ----------------------------
+
+/// `UNIBLK_NO_IO_URING=1`: the daemon logs that local members use the pread engine and
+/// why, status names "pread" as every file member's engine, and the qemu-io pattern round
+/// trip (plain, FUA, offset-addressed writes, write-zeroes, discard, then the member files
+/// against md's layout) passes on raid1 through that engine.
+#[test]
+fn pread_engine_chosen_by_environment_serves_qemu_io_patterns_raid1() {
+    if !fixtures::require("qemu-io") {
+        return;
+    }
+    let rig = Rig::start_with(RAID1.0, RAID1.1, "", &[("UNIBLK_NO_IO_URING", "1")]);
+    let log = rig.daemon.log();
+    assert!(
+        log.contains("local members use the pread engine: UNIBLK_NO_IO_URING=1 is set"),
+        "the log does not say the pread engine was chosen for UNIBLK_NO_IO_URING=1:\n{log}"
+    );
+    let st = rig.status();
+    let members = st["members"].as_array().unwrap();
+    assert_eq!(members.len(), RAID1.1.len(), "{st:#}");
+    for m in members {
+        assert_eq!(m["protocol"], "file", "{st:#}");
+        assert_eq!(m["engine"], "pread", "{st:#}");
+    }
+    pattern_round_trip_on(rig);
+}
+
+/// `policy = "lifo"` in the layout, with a queue shallower than fio's depth so I/Os wait
+/// and the policy picks who goes next: status reports the policy and depth, and fio
+/// verify (two connections, mixed sizes) passes on raid10.
+#[test]
+fn lifo_policy_from_layout_is_reported_and_fio_verifies_raid10() {
+    if !fixtures::require("fio") {
+        return;
+    }
+    let rig = Rig::start_with(
+        Level::Raid10,
+        &[72 * MIB; 4],
+        "policy = \"lifo\"\nqueue_depth = 4\n",
+        &[],
+    );
+    let st = rig.status();
+    assert_eq!(st["queue"]["policy"], "lifo", "{st:#}");
+    assert_eq!(st["queue"]["depth"], 4, "{st:#}");
+    fio_round_on(rig);
 }
 
 // ---- A file system on top -----------------------------------------------------------

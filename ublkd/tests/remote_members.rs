@@ -994,3 +994,212 @@ fn server_back_with_a_blank_disk_is_caught_by_the_identity_probe() {
     assert_eq!(rig.status()["state"], "degraded");
     fixtures::qemu_io_ok(&uri, &["read -P 0x11 0 1M"]).unwrap();
 }
+
+// ---- 7. A server that lacks flush, FUA, trim or write-zeroes -------------------------
+
+/// What a server advertises (nbdinfo's `can_*` names).
+#[derive(Debug, Clone, Copy)]
+struct Advertised {
+    flush: bool,
+    fua: bool,
+    trim: bool,
+    zero: bool,
+}
+
+/// raid1(local file + `kit`, which serves `backing` and logs every request to `log`):
+/// qemu-io through the export writes a pattern, write-zeroes (unaligned, and may-unmap)
+/// into it, a FUA write, a discard and a flush. Every command succeeds, the zeroes read
+/// back as zeroes, and after a clean stop both member files hold the same bytes at the
+/// same places. The server must have been sent no request it does not advertise: zeroing
+/// is done by writing, FUA by a flush after the write (or, with no flush either, plain).
+fn limited_server_round(name: &str, kit: Nbdkit, backing: &Path, log: &Path, want: Advertised) {
+    let files = Tmp::new().unwrap();
+    let local = member_file(&files, "local.img");
+    let kit = kit.start().unwrap();
+    let info = fixtures::nbdinfo_json(&kit.uri()).unwrap_or_else(|e| panic!("{e:#}"));
+    let export = &info["exports"][0];
+    for (cap, on) in [
+        ("can_flush", want.flush),
+        ("can_fua", want.fua),
+        ("can_trim", want.trim),
+        ("can_zero", want.zero),
+    ] {
+        assert_eq!(export[cap], on, "the server's premise ({cap}): {info:#}");
+    }
+    let mut rig = Rig::start(
+        name,
+        "raid1",
+        &[file_addr(&local), kit.uri()],
+        "timeout = \"10s\"",
+    );
+    // (offset, length, byte) as the array must read.
+    let expect: &[(u64, u64, u8)] = &[
+        (0, 1000, 0xab),
+        (1000, 300_000, 0),
+        (301_000, 2 * MIB - 301_000, 0xab),
+        (2 * MIB, MIB, 0),
+        (3 * MIB, MIB, 0xab),
+        (5 * MIB, 64 * KIB, 0xcd),
+    ];
+    let mut cmds: Vec<String> = [
+        "write -P 0xab 0 4M",
+        "write -z 1000 300000",
+        "write -z -u 2M 1M",
+        "write -f -P 0xcd 5M 64K",
+        "discard 6M 64K",
+        "flush",
+    ]
+    .map(String::from)
+    .into();
+    cmds.extend(
+        expect
+            .iter()
+            .map(|(o, l, b)| format!("read -P {b:#04x} {o} {l}")),
+    );
+    let cmds: Vec<&str> = cmds.iter().map(String::as_str).collect();
+    fixtures::qemu_io_ok(&rig.uri(), &cmds).unwrap_or_else(|e| {
+        panic!(
+            "{e:#}\nnbdkit log tail:\n{}",
+            tail(&std::fs::read_to_string(log).unwrap_or_default(), 30)
+        )
+    });
+    rig.assert_healthy(0);
+    rig.assert_healthy(1);
+    rig.stop_clean();
+    for (m, path) in [("local file", &local), ("nbdkit", &backing.to_path_buf())] {
+        let f = File::open(path).unwrap();
+        for &(o, l, b) in expect {
+            let mut got = vec![0u8; l as usize];
+            f.read_exact_at(&mut got, DATA_OFFSET + o).unwrap();
+            if let Some(i) = got.iter().position(|&x| x != b) {
+                panic!(
+                    "{m} member: array byte {} is {:#04x}, should be {b:#04x}",
+                    o + i as u64,
+                    got[i]
+                );
+            }
+        }
+    }
+    let requests = std::fs::read_to_string(log).unwrap();
+    let lines: Vec<&str> = requests.lines().collect();
+    let sent = |what: &str| lines.iter().any(|l| l.contains(&format!(" {what} id=")));
+    let ctx = || tail(&requests, 40);
+    assert!(
+        !sent("Zero"),
+        "write-zeroes sent to a server without it:\n{}",
+        ctx()
+    );
+    assert!(
+        !lines.iter().any(|l| l.contains(" fua=1")),
+        "FUA sent to a server without it:\n{}",
+        ctx()
+    );
+    if !want.flush {
+        assert!(
+            !sent("Flush"),
+            "flush sent to a server without it:\n{}",
+            ctx()
+        );
+    }
+    if !want.trim {
+        assert!(
+            !sent("Trim"),
+            "trim sent to a server without it:\n{}",
+            ctx()
+        );
+    }
+    // The zeroes reached the server as writes, the FUA write as a write (then a flush,
+    // when the server has one).
+    let write_at = |off: u64| {
+        let at = " Write id=";
+        let off = format!(" offset={:#x} ", DATA_OFFSET + off);
+        lines
+            .iter()
+            .position(|l| l.contains(at) && l.contains(&off))
+    };
+    assert!(
+        write_at(2 * MIB).is_some(),
+        "write-zeroes at 2 MiB did not reach the server as a write:\n{}",
+        ctx()
+    );
+    let fua_write = write_at(5 * MIB)
+        .unwrap_or_else(|| panic!("the FUA write never reached the server:\n{}", ctx()));
+    if want.flush {
+        // Before the reply: qemu-io sends the discard (the next command) only after the
+        // FUA write was answered, so the flush must come before that trim.
+        let trim = " Trim id=";
+        let trim_off = format!(" offset={:#x} ", DATA_OFFSET + 6 * MIB);
+        let next = lines
+            .iter()
+            .position(|l| l.contains(trim) && l.contains(&trim_off))
+            .unwrap_or_else(|| panic!("the discard never reached the server:\n{}", ctx()));
+        assert!(
+            lines[fua_write..next]
+                .iter()
+                .any(|l| l.contains(" Flush id=")),
+            "no flush between the FUA write and the next command on a server without \
+             FUA:\n{}",
+            ctx()
+        );
+    }
+}
+
+/// nbdkit's file plugin behind the nozero (`zeromode=none`) and fua (default mode: FUA not
+/// advertised) filters: flush and trim remain.
+#[test]
+fn server_without_write_zeroes_or_fua_gets_zeroes_written_and_fua_as_flush() {
+    if !fixtures::require_all(&["nbdkit", "qemu-io", "nbdinfo"]) {
+        return;
+    }
+    let dir = Tmp::new().unwrap();
+    let backing = member_file(&dir, "kit.img");
+    let log = dir.join("requests.log");
+    let kit = Nbdkit::file(&backing)
+        .filter("log", &[&format!("logfile={}", log.display())])
+        .filter("nozero", &["zeromode=none"])
+        .filter("fua", &[]);
+    let want = Advertised {
+        flush: true,
+        fua: false,
+        trim: true,
+        zero: false,
+    };
+    limited_server_round("r1nozero", kit, &backing, &log, want);
+}
+
+/// nbdkit's eval plugin with only get_size, pread and pwrite (dd on a file), behind the
+/// nozero filter (nbdkit would otherwise emulate zeroing itself): no flush, no FUA, no
+/// trim, no write-zeroes at all.
+#[test]
+fn server_without_flush_fua_trim_or_write_zeroes_still_serves_a_raid1_mirror() {
+    if !fixtures::require_all(&["nbdkit", "qemu-io", "nbdinfo", "dd"]) {
+        return;
+    }
+    let dir = Tmp::new().unwrap();
+    let backing = member_file(&dir, "kit.img");
+    let log = dir.join("requests.log");
+    let f = backing.display();
+    let kit = Nbdkit::plugin(
+        "eval",
+        &[
+            &format!("get_size=stat -c %s {f}"),
+            &format!(
+                "pread=dd if={f} iflag=skip_bytes,count_bytes,fullblock skip=$4 count=$3 \
+                 bs=64K status=none"
+            ),
+            &format!(
+                "pwrite=dd of={f} oflag=seek_bytes conv=notrunc seek=$4 bs=64K \
+                 iflag=fullblock status=none"
+            ),
+        ],
+    )
+    .filter("log", &[&format!("logfile={}", log.display())])
+    .filter("nozero", &["zeromode=none"]);
+    let want = Advertised {
+        flush: false,
+        fua: false,
+        trim: false,
+        zero: false,
+    };
+    limited_server_round("r1bare", kit, &backing, &log, want);
+}
