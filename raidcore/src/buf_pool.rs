@@ -6,7 +6,8 @@
 use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
 
-use crossbeam_queue::ArrayQueue;
+use std::sync::Mutex;
+
 use memmap2::MmapMut;
 use tokio::sync::Semaphore;
 
@@ -40,7 +41,14 @@ struct SizeClass {
     cap: usize,
     /// Byte offset of this class's first buffer in the mapping.
     base: usize,
-    free: ArrayQueue<u32>,
+    /// Buffers in the class.
+    count: usize,
+    /// Free buffer indices, used as a stack: the buffer returned last is handed out
+    /// first. A hot buffer is still in the caches and its pages are still mapped; handing
+    /// them out in rotation would touch every buffer of the class, keep them all cold,
+    /// and let the kernel's cold-page reclaim (DAMON here) take pages that the next
+    /// request then faults back in, zeroing a huge page each time.
+    free: Mutex<Vec<u32>>,
     permits: Semaphore,
 }
 
@@ -63,13 +71,12 @@ impl BufPool {
         nominal.sort();
         for (size, count) in nominal {
             let cap = (size + SLACK).div_ceil(ALIGN) * ALIGN;
-            let free = ArrayQueue::new(count.max(1));
-            for i in 0..count {
-                let _ = free.push(i as u32);
-            }
+            // Reversed, so the lowest buffers come out first.
+            let free = Mutex::new((0..count as u32).rev().collect::<Vec<_>>());
             classes.push(SizeClass {
                 cap,
                 base: total,
+                count,
                 free,
                 permits: Semaphore::new(count),
             });
@@ -131,6 +138,8 @@ impl BufPool {
         // A permit guarantees a free index: permits and indices are returned together.
         let idx = class
             .free
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
             .pop()
             .expect("buffer pool: permit without a free buffer");
         let off = class.base + idx as usize * class.cap;
@@ -152,7 +161,7 @@ impl BufPool {
         self.inner
             .classes
             .iter()
-            .map(|c| (c.cap, c.permits.available_permits(), c.free.capacity()))
+            .map(|c| (c.cap, c.permits.available_permits(), c.count))
             .collect()
     }
 }
@@ -201,8 +210,12 @@ impl DerefMut for PoolBuf {
 impl Drop for PoolBuf {
     fn drop(&mut self) {
         let class = &self.pool.inner.classes[self.class as usize];
-        // Cannot fail: the queue has room for every index of its class.
-        let _ = class.free.push(self.idx);
+        // The stack was sized for every index of the class: this push never grows it.
+        class
+            .free
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(self.idx);
         class.permits.add_permits(1);
     }
 }
