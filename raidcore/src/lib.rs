@@ -19,5 +19,7 @@ pub use buf_pool::{BufPool, PoolBuf, PoolConfig};
 pub use error::{IoError, IoResult};
 pub use io::{Class, Flags, FrontIo, IoBuf, MemberIo, Op, Proto, Tag};
 pub use level::LevelKind;
-pub use member::{Caps, FaultReason, IoFuture, Member, MemberInfo, MemberSlot, MemberState};
+pub use member::{
+    check_request, Caps, FaultReason, IoFuture, Member, MemberInfo, MemberSlot, MemberState,
+};
 pub use rebuild::RebuildError;

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use serde::Serialize;
 
 use crate::error::IoResult;
-use crate::io::{Class, MemberIo, Proto};
+use crate::io::{Class, MemberIo, Op, Proto};
 
 /// A member I/O in flight. Boxed so the trait stays object safe; data buffers are never
 /// allocated per I/O (they come from the pool).
@@ -51,6 +51,41 @@ pub trait Member: Send + Sync + 'static {
 
     /// Release resources (flush is done by the core before this). Idempotent.
     fn close(&self) {}
+}
+
+/// The checks every remote member makes before an I/O goes on the wire, where a bad
+/// request would become a protocol error or a write outside the caller's buffer: the
+/// range lies inside `info.size`, offset and length are whole `info.block_size` blocks,
+/// and a read or write carries a buffer of exactly its length. Flush is always fine.
+pub fn check_request(info: &MemberInfo, io: &MemberIo) -> IoResult {
+    let t = &io.tag;
+    if t.op == Op::Flush {
+        return Ok(());
+    }
+    let size = info.size;
+    if t.offset.checked_add(t.len).is_none_or(|end| end > size) {
+        return Err(crate::error::IoError::OutOfRange {
+            offset: t.offset,
+            len: t.len,
+            size,
+        });
+    }
+    let bs = u64::from(info.block_size);
+    if !t.offset.is_multiple_of(bs) || !t.len.is_multiple_of(bs) {
+        return Err(crate::error::IoError::Invalid(format!(
+            "{}: offset {} length {} not aligned to its {bs}-byte blocks",
+            info.address, t.offset, t.len
+        )));
+    }
+    if matches!(t.op, Op::Read | Op::Write) && io.buf.len() as u64 != t.len {
+        return Err(crate::error::IoError::Invalid(format!(
+            "{}: a {}-byte buffer for a {}-byte request",
+            info.address,
+            io.buf.len(),
+            t.len
+        )));
+    }
+    Ok(())
 }
 
 /// Why a member is out of service. An enum, not a string, so policy can match on it.

@@ -107,7 +107,7 @@ impl AoeMember {
         if self.closed.load(Ordering::Acquire) {
             return Err(IoError::Shutdown);
         }
-        self.validate(&io)?;
+        raidcore::check_request(&self.info, &io)?;
         let t = io.tag;
         let kind = match t.op {
             Op::Read => Kind::Read,
@@ -139,37 +139,6 @@ impl AoeMember {
         }
         // The engine answers every request it took, also when it stops (Shutdown).
         result.await.unwrap_or(Err(IoError::Shutdown))
-    }
-
-    fn validate(&self, io: &MemberIo) -> IoResult {
-        let t = &io.tag;
-        if t.op == Op::Flush {
-            return Ok(());
-        }
-        let size = self.info.size;
-        if t.offset.checked_add(t.len).is_none_or(|end| end > size) {
-            return Err(IoError::OutOfRange {
-                offset: t.offset,
-                len: t.len,
-                size,
-            });
-        }
-        let bs = SECTOR as u64;
-        if !t.offset.is_multiple_of(bs) || !t.len.is_multiple_of(bs) {
-            return Err(IoError::Invalid(format!(
-                "{}: offset {} length {} not aligned to its 512-byte sectors",
-                self.info.address, t.offset, t.len
-            )));
-        }
-        if matches!(t.op, Op::Read | Op::Write) && io.buf.len() as u64 != t.len {
-            return Err(IoError::Invalid(format!(
-                "{}: a {}-byte buffer for a {}-byte request",
-                self.info.address,
-                io.buf.len(),
-                t.len
-            )));
-        }
-        Ok(())
     }
 }
 

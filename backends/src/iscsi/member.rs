@@ -203,7 +203,7 @@ impl IscsiMember {
         if self.closed.load(Ordering::Acquire) {
             return Err(IoError::Shutdown);
         }
-        self.validate(&io)?;
+        raidcore::check_request(&self.info, &io)?;
         let deadline = Instant::now() + self.shared.opts.timeout;
         let t = io.tag;
         let caps = self.info.caps;
@@ -304,37 +304,6 @@ impl IscsiMember {
             self.shared
                 .run(cmd, deadline, lba * bs, u64::from(blocks) * bs)
                 .await?;
-        }
-        Ok(())
-    }
-
-    fn validate(&self, io: &MemberIo) -> IoResult {
-        let t = &io.tag;
-        if t.op == Op::Flush {
-            return Ok(());
-        }
-        let bs = u64::from(self.shared.block_size);
-        let size = self.shared.size;
-        if t.offset.checked_add(t.len).is_none_or(|end| end > size) {
-            return Err(IoError::OutOfRange {
-                offset: t.offset,
-                len: t.len,
-                size,
-            });
-        }
-        if !t.offset.is_multiple_of(bs) || !t.len.is_multiple_of(bs) {
-            return Err(IoError::Invalid(format!(
-                "{}: offset {} length {} not aligned to its {bs}-byte blocks",
-                self.info.address, t.offset, t.len
-            )));
-        }
-        if matches!(t.op, Op::Read | Op::Write) && io.buf.len() as u64 != t.len {
-            return Err(IoError::Invalid(format!(
-                "{}: a {}-byte buffer for a {}-byte request",
-                self.info.address,
-                io.buf.len(),
-                t.len
-            )));
         }
         Ok(())
     }
