@@ -118,12 +118,8 @@ pub async fn find(
     })
 }
 
-/// ATA IDENTIFY DEVICE: the target's size and whether it speaks LBA48.
-pub async fn identify(
-    sock: &AoeSocket,
-    target: &Found,
-    wait: Duration,
-) -> Result<Identity, AoeError> {
+/// A control-path ATA command frame for `target`, with a fresh tag.
+fn ata_frame(sock: &AoeSocket, target: &Found, args: AtaArgs) -> (u32, [u8; frame::ATA_LEN]) {
     let tag = control_tag();
     let mut f = [0u8; frame::ATA_LEN];
     frame::put_header(
@@ -137,7 +133,17 @@ pub async fn identify(
             tag,
         },
     );
-    AtaArgs::identify().put(&mut f);
+    args.put(&mut f);
+    (tag, f)
+}
+
+/// ATA IDENTIFY DEVICE: the target's size and whether it speaks LBA48.
+pub async fn identify(
+    sock: &AoeSocket,
+    target: &Found,
+    wait: Duration,
+) -> Result<Identity, AoeError> {
+    let (tag, f) = ata_frame(sock, target, AtaArgs::identify());
     let fail = |why: String| AoeError::Target {
         iface: sock.iface.clone(),
         shelf: target.shelf,
@@ -285,20 +291,7 @@ async fn ata_ok(
     args: AtaArgs,
     wait: Duration,
 ) -> Result<bool, AoeError> {
-    let tag = control_tag();
-    let mut f = [0u8; frame::ATA_LEN];
-    frame::put_header(
-        &mut f,
-        &Header {
-            dst: target.mac,
-            src: sock.mac,
-            shelf: target.shelf,
-            slot: target.slot,
-            command: frame::CMD_ATA,
-            tag,
-        },
-    );
-    args.put(&mut f);
+    let (tag, f) = ata_frame(sock, target, args);
     let answer = exchange(sock, &f, wait, |buf| {
         let r = frame::parse_reply(buf).ok()?;
         if r.tag != tag || r.src != target.mac {
