@@ -16,7 +16,7 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use fixtures::{Daemon, NbdkitServer, NetnsPair, Tmp, Vblade};
+use fixtures::{log_tail, ArrayRig as Rig, NbdkitServer, NetnsPair, Tmp, Vblade};
 use raidcore::superblock::{SbState, Superblock};
 use serde_json::{json, Value};
 
@@ -32,6 +32,11 @@ const SLOT: u8 = 3;
 
 fn bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_ublkd"))
+}
+
+/// The daemon running one array, in the initiator's namespace.
+fn rig(net: &Net, name: &str, level: &str, members: &[String], remote: &str) -> Rig {
+    Rig::start_in(&net.pair.exec_prefix(), bin(), name, level, members, remote)
 }
 
 fn can_run(extra: &[&str]) -> bool {
@@ -74,106 +79,6 @@ impl Net {
     fn local(&self) -> String {
         format!("file:{}", self.local.display())
     }
-}
-
-/// The daemon running one array, in the initiator's namespace.
-struct Rig {
-    daemon: Daemon,
-    name: String,
-}
-
-impl Rig {
-    fn start(net: &Net, name: &str, level: &str, members: &[String], remote: &str) -> Rig {
-        let list: Vec<String> = members.iter().map(|m| format!("{m:?}")).collect();
-        let layout = format!(
-            "[[array]]\nname = \"{name}\"\nlevel = \"{level}\"\nchunk = \"64KiB\"\nmembers = [{}]\n\
-             export.nbd = {{ listen = [\"unix:{}/{name}.sock\"] }}\nremote = {{ {remote} }}\n",
-            list.join(", "),
-            fixtures::DIR_PLACEHOLDER
-        );
-        let daemon = Daemon::start_in(&net.pair.exec_prefix(), bin(), &layout, &[])
-            .unwrap_or_else(|e| panic!("ublkd did not start with\n{layout}\n{e:#}"));
-        Rig {
-            daemon,
-            name: name.to_string(),
-        }
-    }
-
-    fn uri(&self) -> String {
-        format!(
-            "nbd+unix:///{}?socket={}/{}.sock",
-            self.name,
-            self.daemon.dir().display(),
-            self.name
-        )
-    }
-
-    fn request(&self, req: Value) -> Value {
-        self.daemon
-            .request(&req)
-            .unwrap_or_else(|e| panic!("management request {req}: {e:#}"))
-    }
-
-    fn status(&self) -> Value {
-        let r = self.request(json!({"cmd": "status"}));
-        assert_eq!(r["ok"], true, "{r}");
-        r["status"]["arrays"][0].clone()
-    }
-
-    fn member(&self, i: usize) -> Value {
-        self.status()["members"][i].clone()
-    }
-
-    fn counter(&self, i: usize, field: &str) -> u64 {
-        let m = self.member(i);
-        m[field]
-            .as_u64()
-            .unwrap_or_else(|| panic!("member {i} has no {field}: {m}"))
-    }
-
-    fn wait_member(&self, i: usize, what: &str, limit: Duration, done: impl Fn(&Value) -> bool) {
-        let deadline = Instant::now() + limit;
-        loop {
-            let st = self.status();
-            if done(&st["members"][i]) {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "member {i} not {what} after {limit:?}; status:\n{st:#}\nlog tail:\n{}",
-                tail(&self.daemon.log(), 30)
-            );
-            thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn wait_log(&self, text: &str, seen: usize, limit: Duration) {
-        let deadline = Instant::now() + limit;
-        while self.daemon.log().matches(text).count() <= seen {
-            assert!(
-                Instant::now() < deadline,
-                "no new '{text}' in the log after {limit:?}; tail:\n{}",
-                tail(&self.daemon.log(), 30)
-            );
-            thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn stop_clean(&mut self) {
-        let status = self.daemon.stop().unwrap();
-        let log = self.daemon.log();
-        assert!(
-            status.success(),
-            "ublkd exited with {status}:\n{}",
-            tail(&log, 40)
-        );
-        assert!(log.contains("array stopped clean"), "{}", tail(&log, 40));
-    }
-}
-
-fn tail(text: &str, lines: usize) -> String {
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 // ---- fio ------------------------------------------------------------------------------
@@ -340,7 +245,7 @@ fn raid1_of_a_local_file_and_aoe_verifies_and_vblades_file_mirrors_it() {
         return;
     }
     let net = Net::new(9000);
-    let mut rig = Rig::start(
+    let mut rig = rig(
         &net,
         "r1aoe",
         "raid1",
@@ -370,7 +275,7 @@ fn raid10_of_local_aoe_and_nbd_verifies_and_stripes() {
     let net = Net::new(9000);
     let kit = NbdkitServer::memory(MEMBER_SIZE).unwrap();
     let members = [net.local(), net.aoe(), kit.uri()];
-    let mut rig = Rig::start(&net, "r10aoe", "raid10", &members, "timeout = \"5s\"");
+    let mut rig = rig(&net, "r10aoe", "raid10", &members, "timeout = \"5s\"");
     let st = rig.status();
     // near-2 over 3 members: 3/2 of a member's data.
     assert_eq!(st["size"], MEMBER_DATA * 3 / 2, "{st:#}");
@@ -394,7 +299,7 @@ fn lossy_link_fio_verifies_through_an_aoe_member_alone() {
     }
     let net = Net::new(9000);
     net.pair.drop_aoe_frames(5).unwrap();
-    let mut rig = Rig::start(&net, "lossy", "linear", &[net.aoe()], "timeout = \"10s\"");
+    let mut rig = rig(&net, "lossy", "linear", &[net.aoe()], "timeout = \"10s\"");
     let file = net.aoe_file.clone();
     verify_round(&mut rig, Level::Linear, 16 * MIB, || {
         vec![std::fs::read(&file).unwrap()]
@@ -418,7 +323,7 @@ fn fault_mid_run(
     heal: impl FnOnce(&mut Net),
     reasons: &[&str],
 ) {
-    let rig = Rig::start(
+    let rig = rig(
         net,
         name,
         "raid1",
@@ -442,7 +347,7 @@ fn fault_mid_run(
     );
     let res = fio.join().unwrap();
     if !matches!(&res, Ok((true, _))) {
-        eprintln!("daemon log tail:\n{}", tail(&rig.daemon.log(), 60));
+        eprintln!("daemon log tail:\n{}", log_tail(&rig.daemon.log(), 60));
     }
     assert_fio_clean(res, per_job, false);
     assert_eq!(rig.member(0)["state"], "healthy");

@@ -12,7 +12,7 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use fixtures::{Daemon, LunSpec, NbdFuseLoop, Nbdkit, NbdkitServer, Tgtd, Tmp};
+use fixtures::{log_tail, ArrayRig as Rig, LunSpec, NbdFuseLoop, Nbdkit, NbdkitServer, Tgtd, Tmp};
 use raidcore::superblock::{SbState, Superblock};
 use serde_json::{json, Value};
 
@@ -29,101 +29,8 @@ fn bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_ublkd"))
 }
 
-fn layout(name: &str, level: &str, members: &[String], remote: &str) -> String {
-    let list: Vec<String> = members.iter().map(|m| format!("{m:?}")).collect();
-    format!(
-        "[[array]]\nname = \"{name}\"\nlevel = \"{level}\"\nchunk = \"64KiB\"\nmembers = [{}]\n\
-         export.nbd = {{ listen = [\"unix:{}/{name}.sock\"] }}\nremote = {{ {remote} }}\n",
-        list.join(", "),
-        fixtures::DIR_PLACEHOLDER
-    )
-}
-
-struct Rig {
-    daemon: Daemon,
-    name: String,
-}
-
-impl Rig {
-    fn start(name: &str, level: &str, members: &[String], remote: &str) -> Rig {
-        let layout = layout(name, level, members, remote);
-        let daemon = Daemon::start(bin(), &layout, &[])
-            .unwrap_or_else(|e| panic!("ublkd did not start with\n{layout}\n{e:#}"));
-        Rig {
-            daemon,
-            name: name.to_string(),
-        }
-    }
-
-    fn uri(&self) -> String {
-        format!(
-            "nbd+unix:///{}?socket={}/{}.sock",
-            self.name,
-            self.daemon.dir().display(),
-            self.name
-        )
-    }
-
-    fn request(&self, req: Value) -> Value {
-        self.daemon
-            .request(&req)
-            .unwrap_or_else(|e| panic!("management request {req}: {e:#}"))
-    }
-
-    fn status(&self) -> Value {
-        let r = self.request(json!({"cmd": "status"}));
-        assert_eq!(r["ok"], true, "{r}");
-        r["status"]["arrays"][0].clone()
-    }
-
-    fn member(&self, i: usize) -> Value {
-        self.status()["members"][i].clone()
-    }
-
-    fn counter(&self, i: usize, field: &str) -> u64 {
-        let m = self.member(i);
-        m[field]
-            .as_u64()
-            .unwrap_or_else(|| panic!("member {i} has no {field}: {m}"))
-    }
-
-    fn wait_member(&self, i: usize, what: &str, limit: Duration, done: impl Fn(&Value) -> bool) {
-        let deadline = Instant::now() + limit;
-        loop {
-            let st = self.status();
-            if done(&st["members"][i]) {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "member {i} not {what} after {limit:?}; status:\n{st:#}\nlog tail:\n{}",
-                tail(&self.daemon.log(), 30)
-            );
-            thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn wait_faulty(&self, i: usize, limit: Duration, reason: impl Fn(&str) -> bool) {
-        self.wait_member(i, "faulty with the expected reason", limit, |m| {
-            m["state"] == "faulty" && m["fault"].as_str().is_some_and(&reason)
-        });
-    }
-
-    fn stop_clean(&mut self) {
-        let status = self.daemon.stop().unwrap();
-        let log = self.daemon.log();
-        assert!(
-            status.success(),
-            "ublkd exited with {status}:\n{}",
-            tail(&log, 40)
-        );
-        assert!(log.contains("array stopped clean"), "{}", tail(&log, 40));
-    }
-}
-
-fn tail(text: &str, lines: usize) -> String {
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
+fn rig(name: &str, level: &str, members: &[String], remote: &str) -> Rig {
+    Rig::start(bin(), name, level, members, remote)
 }
 
 /// fio's nbd engine: 2 jobs at QD32 on disjoint regions, random writes then crc32c
@@ -292,7 +199,7 @@ fn raid1_of_a_local_file_and_an_iscsi_lun_verifies_and_mirrors() {
     let local = member_file(&files, "local.img");
     let behind_lun = member_file(&files, "lun.img");
     let tgtd = tgtd_with(&[(behind_lun.clone(), 512)]);
-    let mut rig = Rig::start(
+    let mut rig = rig(
         "r1",
         "raid1",
         &[file_addr(&local), tgtd.url(IQN, 1)],
@@ -321,7 +228,7 @@ fn raid0_of_an_iscsi_lun_with_4k_blocks_and_nbdkit_verifies_and_stripes() {
     let behind_lun = member_file(&files, "lun.img");
     let tgtd = tgtd_with(&[(behind_lun.clone(), 4096)]);
     let kit = NbdkitServer::memory(MEMBER_SIZE).unwrap();
-    let mut rig = Rig::start(
+    let mut rig = rig(
         "r0",
         "raid0",
         &[tgtd.url(IQN, 1), kit.uri()],
@@ -350,7 +257,7 @@ fn killed_tgtd_faults_the_member_fio_sees_no_error_and_the_member_comes_back() {
     let local = member_file(&files, "local.img");
     let behind_lun = member_file(&files, "lun.img");
     let mut tgtd = tgtd_with(&[(behind_lun.clone(), 512)]);
-    let rig = Rig::start(
+    let rig = rig(
         "r1kill",
         "raid1",
         &[file_addr(&local), tgtd.url(IQN, 1)],
@@ -365,7 +272,7 @@ fn killed_tgtd_faults_the_member_fio_sees_no_error_and_the_member_comes_back() {
     });
     let res = fio.join().unwrap();
     if !matches!(&res, Ok((true, _))) {
-        eprintln!("daemon log tail:\n{}", tail(&rig.daemon.log(), 60));
+        eprintln!("daemon log tail:\n{}", log_tail(&rig.daemon.log(), 60));
     }
     assert_fio_clean(res, per_job, false);
     assert_eq!(rig.member(0)["state"], "healthy");
@@ -383,7 +290,7 @@ fn killed_tgtd_faults_the_member_fio_sees_no_error_and_the_member_comes_back() {
         assert!(
             Instant::now() < deadline,
             "the member did not log in again; log tail:\n{}",
-            tail(&rig.daemon.log(), 30)
+            log_tail(&rig.daemon.log(), 30)
         );
         thread::sleep(Duration::from_millis(50));
     }
@@ -430,7 +337,7 @@ fn medium_errors_on_the_lun_redirect_reads_to_the_mirror() {
     tgtd.add_target(1, IQN, &[LunSpec::file(fuse.file(), 512).direct()])
         .unwrap();
     let mirror = NbdkitServer::memory(MEMBER_SIZE).unwrap();
-    let rig = Rig::start(
+    let rig = rig(
         "r1med",
         "raid1",
         &[tgtd.url(IQN, 1), mirror.uri()],
@@ -475,7 +382,7 @@ fn chap_secrets_from_a_file_and_the_environment_stay_out_of_status_and_logs() {
          mutual_user = \"the-target\", mutual_secret_env = \"UNIBLK_TEST_ISCSI_TARGET_SECRET\" }}",
         secret_file.display()
     );
-    let mut rig = Rig::start(
+    let mut rig = rig(
         "r1chap",
         "raid1",
         &[file_addr(&local), tgtd.url(IQN, 1)],

@@ -19,7 +19,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use fixtures::{
-    Daemon, NbdServerPeer, Nbdkit, NbdkitRestartable, NbdkitServer, PauseControl, QemuNbd, Tmp,
+    log_tail, ArrayRig as Rig, NbdServerPeer, Nbdkit, NbdkitRestartable, NbdkitServer,
+    PauseControl, QemuNbd, Tmp,
 };
 use raidcore::superblock::{SbState, Superblock};
 use serde_json::{json, Value};
@@ -41,126 +42,11 @@ fn bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_ublkd"))
 }
 
+fn rig(name: &str, level: &str, members: &[String], remote: &str) -> Rig {
+    Rig::start(bin(), name, level, members, remote)
+}
+
 // ---- The daemon -----------------------------------------------------------------------
-
-/// A one-array layout exported on a unix socket in the daemon's scratch directory.
-fn layout(name: &str, level: &str, members: &[String], remote: &str) -> String {
-    let list: Vec<String> = members.iter().map(|m| format!("{m:?}")).collect();
-    let mut t = format!(
-        "[[array]]\nname = \"{name}\"\nlevel = \"{level}\"\nchunk = \"64KiB\"\nmembers = [{}]\n\
-         export.nbd = {{ listen = [\"unix:{}/{name}.sock\"] }}\n",
-        list.join(", "),
-        fixtures::DIR_PLACEHOLDER
-    );
-    if !remote.is_empty() {
-        t += &format!("remote = {{ {remote} }}\n");
-    }
-    t
-}
-
-/// The daemon running one array.
-struct Rig {
-    daemon: Daemon,
-    name: String,
-}
-
-impl Rig {
-    /// `remote` is the inside of the array's `remote = { ... }` table (empty: none).
-    fn start(name: &str, level: &str, members: &[String], remote: &str) -> Rig {
-        let layout = layout(name, level, members, remote);
-        let daemon = Daemon::start(bin(), &layout, &[])
-            .unwrap_or_else(|e| panic!("ublkd did not start with\n{layout}\n{e:#}"));
-        Rig {
-            daemon,
-            name: name.to_string(),
-        }
-    }
-
-    fn uri(&self) -> String {
-        format!(
-            "nbd+unix:///{}?socket={}/{}.sock",
-            self.name,
-            self.daemon.dir().display(),
-            self.name
-        )
-    }
-
-    fn request(&self, req: Value) -> Value {
-        self.daemon
-            .request(&req)
-            .unwrap_or_else(|e| panic!("management request {req}: {e:#}"))
-    }
-
-    /// The array's status.
-    fn status(&self) -> Value {
-        let r = self.request(json!({"cmd": "status"}));
-        assert_eq!(r["ok"], true, "{r}");
-        r["status"]["arrays"][0].clone()
-    }
-
-    fn member(&self, i: usize) -> Value {
-        self.status()["members"][i].clone()
-    }
-
-    fn counter(&self, i: usize, field: &str) -> u64 {
-        let m = self.member(i);
-        m[field]
-            .as_u64()
-            .unwrap_or_else(|| panic!("member {i} has no {field}: {m}"))
-    }
-
-    /// Polls member `i` until `done` holds; panics after `limit` with the last status.
-    fn wait_member(&self, i: usize, what: &str, limit: Duration, done: impl Fn(&Value) -> bool) {
-        let deadline = Instant::now() + limit;
-        loop {
-            let st = self.status();
-            if done(&st["members"][i]) {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "member {i} not {what} after {limit:?}; status:\n{st:#}\nlog tail:\n{}",
-                tail(&self.daemon.log(), 30)
-            );
-            thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// Member `i` faulty with a fault text accepted by `reason`.
-    fn wait_faulty(&self, i: usize, limit: Duration, reason: impl Fn(&str) -> bool) {
-        self.wait_member(i, "faulty with the expected reason", limit, |m| {
-            m["state"] == "faulty" && m["fault"].as_str().is_some_and(&reason)
-        });
-    }
-
-    fn assert_healthy(&self, i: usize) {
-        let st = self.status();
-        let m = &st["members"][i];
-        assert_eq!(m["state"], "healthy", "member {i}: {st:#}");
-        assert!(m.get("fault").is_none_or(Value::is_null), "{st:#}");
-    }
-
-    /// SIGTERM: the daemon must exit 0 having stopped the array clean.
-    fn stop_clean(&mut self) {
-        let status = self.daemon.stop().unwrap();
-        let log = self.daemon.log();
-        assert!(
-            status.success(),
-            "ublkd exited with {status} after SIGTERM; log tail:\n{}",
-            tail(&log, 40)
-        );
-        assert!(
-            log.contains("array stopped clean"),
-            "no clean stop in the log:\n{}",
-            tail(&log, 40)
-        );
-    }
-}
-
-fn tail(text: &str, lines: usize) -> String {
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
-}
 
 // ---- fio ------------------------------------------------------------------------------
 
@@ -382,7 +268,7 @@ fn raid1_of_a_local_file_and_nbdkit_memory_verifies_and_mirrors() {
     let files = Tmp::new().unwrap();
     let local = member_file(&files, "local.img");
     let kit = NbdkitServer::memory(MEMBER_SIZE).unwrap();
-    let mut rig = Rig::start(
+    let mut rig = rig(
         "r1",
         "raid1",
         &[file_addr(&local), kit.uri()],
@@ -408,7 +294,7 @@ fn raid0_of_nbdkit_and_qemu_nbd_verifies_and_stripes() {
     let behind_qemu = member_file(&files, "qemu.img");
     let kit = NbdkitServer::memory(MEMBER_SIZE).unwrap();
     let qemu = QemuNbd::serve(&behind_qemu).unwrap();
-    let mut rig = Rig::start("r0", "raid0", &[kit.uri(), qemu.uri()], "timeout = \"2s\"");
+    let mut rig = rig("r0", "raid0", &[kit.uri(), qemu.uri()], "timeout = \"2s\"");
     assert_eq!(rig.status()["size"], 2 * MEMBER_DATA);
     // Mixed sizes up to two chunks: requests split across the two servers.
     verify_round(
@@ -432,7 +318,7 @@ fn raid10_of_local_files_nbd_server_and_nbdkit_verifies_and_mirrors_stripes() {
     let kit = NbdkitServer::memory(MEMBER_SIZE).unwrap();
     // nbd-server over TCP with simple replies only; nbdkit over a unix socket.
     let members = [file_addr(&l0), nbdsrv.uri(), file_addr(&l2), kit.uri()];
-    let mut rig = Rig::start("r10", "raid10", &members, "timeout = \"2s\"");
+    let mut rig = rig("r10", "raid10", &members, "timeout = \"2s\"");
     assert_eq!(rig.status()["size"], 2 * MEMBER_DATA);
     verify_round(
         &mut rig,
@@ -460,7 +346,7 @@ fn errors_mid_run(error_args: &[&str]) -> (Rig, NbdkitServer, Tmp) {
         .error_filter(error_args)
         .start()
         .unwrap();
-    let rig = Rig::start(
+    let rig = rig(
         "r1err",
         "raid1",
         &[file_addr(&local), kit.uri()],
@@ -499,7 +385,7 @@ fn raid0_member_errors_fail_only_that_members_chunks_with_eio() {
         .error_filter(&["error=EIO", "error-pread-rate=100%"])
         .start()
         .unwrap();
-    let rig = Rig::start("r0err", "raid0", &[file_addr(&local), kit.uri()], "");
+    let rig = rig("r0err", "raid0", &[file_addr(&local), kit.uri()], "");
     let uri = rig.uri();
     // Chunks 0 and 2 live on the local file (member 0), 1 and 3 on nbdkit (member 1).
     let c = CHUNK;
@@ -583,7 +469,7 @@ fn server_stalled_past_the_timeout_mid_run_faults_member_with_timeout() {
         .filter("pause", &[&pause.arg()])
         .start()
         .unwrap();
-    let rig = Rig::start(
+    let rig = rig(
         "r1slow",
         "raid1",
         &[file_addr(&local), kit.uri()],
@@ -636,7 +522,7 @@ fn delay_filter_past_the_timeout_faults_member_with_timeout() {
         .filter("delay", &["delay-zero=3", "delay-trim=3"])
         .start()
         .unwrap();
-    let rig = Rig::start(
+    let rig = rig(
         "r1delay",
         "raid1",
         &[file_addr(&local), kit.uri()],
@@ -679,7 +565,7 @@ fn killed_server_restarted_and_readded_holds_all_the_data_alone() {
     let size_arg = format!("size={MEMBER_SIZE}");
     let mut kit = NbdkitRestartable::start(&["memory", &size_arg]).unwrap();
     let remote = kit.uri();
-    let rig = Rig::start(
+    let rig = rig(
         "r1kill",
         "raid1",
         &[file_addr(&local), remote.clone()],
@@ -704,7 +590,7 @@ fn killed_server_restarted_and_readded_holds_all_the_data_alone() {
     .unwrap();
     let res = fio.join().unwrap();
     if !matches!(&res, Ok((true, _))) {
-        eprintln!("daemon log tail:\n{}", tail(&rig.daemon.log(), 60));
+        eprintln!("daemon log tail:\n{}", log_tail(&rig.daemon.log(), 60));
     }
     assert_fio_clean(res, per_job, false);
     rig.assert_healthy(0);
@@ -723,7 +609,7 @@ fn killed_server_restarted_and_readded_holds_all_the_data_alone() {
         assert!(
             Instant::now() < deadline,
             "the member did not reconnect; log tail:\n{}",
-            tail(&rig.daemon.log(), 30)
+            log_tail(&rig.daemon.log(), 30)
         );
         thread::sleep(Duration::from_millis(50));
     }
@@ -782,7 +668,7 @@ fn remote_member_swapped_with_remove_and_add_is_rebuilt() {
     let files = Tmp::new().unwrap();
     let local = member_file(&files, "local.img");
     let old = NbdkitServer::memory(MEMBER_SIZE).unwrap();
-    let mut rig = Rig::start(
+    let mut rig = rig(
         "r1swap",
         "raid1",
         &[file_addr(&local), old.uri()],
@@ -847,7 +733,7 @@ fn refused_at_start(remote: &str) -> String {
     let tmp = Tmp::new().unwrap();
     let local = member_file(&tmp, "local.img");
     let config = tmp.join("layout.toml");
-    let text = layout(
+    let text = fixtures::one_array_layout(
         "r1",
         "raid1",
         &[file_addr(&local), remote.to_string()],
@@ -936,7 +822,7 @@ fn status_shows_remote_locality_protocol_engine_and_probe_round_trip() {
     let kit = Nbdkit::memory(MEMBER_SIZE).tcp().start().unwrap();
     assert!(kit.uri().starts_with("nbd://127.0.0.1:"), "{}", kit.uri());
     let started = Instant::now();
-    let rig = Rig::start("r1st", "raid1", &[file_addr(&local), kit.uri()], "");
+    let rig = rig("r1st", "raid1", &[file_addr(&local), kit.uri()], "");
     rig.wait_member(1, "probed", Duration::from_secs(7), |m| {
         m["last_probe_us"].as_u64().is_some_and(|us| us > 0)
     });
@@ -974,7 +860,7 @@ fn server_back_with_a_blank_disk_is_caught_by_the_identity_probe() {
     let local = member_file(&files, "local.img");
     let size_arg = format!("size={MEMBER_SIZE}");
     let mut kit = NbdkitRestartable::start(&["memory", &size_arg]).unwrap();
-    let rig = Rig::start(
+    let rig = rig(
         "r1blank",
         "raid1",
         &[file_addr(&local), kit.uri()],
@@ -1026,7 +912,7 @@ fn limited_server_round(name: &str, kit: Nbdkit, backing: &Path, log: &Path, wan
     ] {
         assert_eq!(export[cap], on, "the server's premise ({cap}): {info:#}");
     }
-    let mut rig = Rig::start(
+    let mut rig = rig(
         name,
         "raid1",
         &[file_addr(&local), kit.uri()],
@@ -1060,7 +946,7 @@ fn limited_server_round(name: &str, kit: Nbdkit, backing: &Path, log: &Path, wan
     fixtures::qemu_io_ok(&rig.uri(), &cmds).unwrap_or_else(|e| {
         panic!(
             "{e:#}\nnbdkit log tail:\n{}",
-            tail(&std::fs::read_to_string(log).unwrap_or_default(), 30)
+            log_tail(&std::fs::read_to_string(log).unwrap_or_default(), 30)
         )
     });
     rig.assert_healthy(0);
@@ -1083,7 +969,7 @@ fn limited_server_round(name: &str, kit: Nbdkit, backing: &Path, log: &Path, wan
     let requests = std::fs::read_to_string(log).unwrap();
     let lines: Vec<&str> = requests.lines().collect();
     let sent = |what: &str| lines.iter().any(|l| l.contains(&format!(" {what} id=")));
-    let ctx = || tail(&requests, 40);
+    let ctx = || log_tail(&requests, 40);
     assert!(
         !sent("Zero"),
         "write-zeroes sent to a server without it:\n{}",
