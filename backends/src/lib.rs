@@ -6,3 +6,4 @@ pub mod local;
 pub mod mem;
 pub mod nbd;
 pub mod null;
+mod tcp;

@@ -5,7 +5,6 @@
 use std::io;
 use std::time::Duration;
 
-use socket2::{SockRef, TcpKeepalive};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
@@ -233,31 +232,13 @@ async fn connect(url: &IscsiUrl, opts: &LoginOptions) -> Result<TcpStream, Iscsi
         }
         Ok(Ok(s)) => s,
     };
-    tune_tcp(&s, opts.user_timeout);
+    crate::tcp::tune(&s, opts.user_timeout, "iSCSI");
     Ok(s)
 }
 
 fn os_reason(e: &io::Error) -> String {
     let s = e.to_string();
     s.split(" (os error").next().unwrap_or(&s).to_string()
-}
-
-/// Commands are small and latency-bound: no Nagle. Keepalive and the user timeout turn a
-/// silently dead target into a dead connection. Failures only lose those benefits.
-fn tune_tcp(s: &TcpStream, user_timeout: Duration) {
-    let sock = SockRef::from(s);
-    let keepalive = TcpKeepalive::new()
-        .with_time(Duration::from_secs(10))
-        .with_interval(Duration::from_secs(5))
-        .with_retries(3);
-    let results = [
-        sock.set_nodelay(true),
-        sock.set_tcp_keepalive(&keepalive),
-        sock.set_tcp_user_timeout(Some(user_timeout)),
-    ];
-    for e in results.into_iter().filter_map(Result::err) {
-        tracing::warn!(error = %e, "cannot set a TCP option on an iSCSI connection");
-    }
 }
 
 pub(super) const STAGE_SECURITY: u8 = 0;

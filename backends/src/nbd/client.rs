@@ -22,7 +22,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use raidcore::{IoBuf, IoError, IoResult};
-use socket2::{SockRef, TcpKeepalive};
+use socket2::SockRef;
 use thiserror::Error;
 use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::oneshot;
@@ -410,32 +410,13 @@ async fn connect_tcp(host: &str, port: u16, opts: &ConnectOptions) -> Result<Str
     for a in addrs {
         match TcpStream::connect(a).await {
             Ok(s) => {
-                tune_tcp(&s, opts);
+                crate::tcp::tune(&s, opts.user_timeout, "NBD");
                 return Ok(Stream::Tcp(s));
             }
             Err(e) => last = e,
         }
     }
     Err(connect_error(&last, None))
-}
-
-/// NBD asks both ends to disable Nagle (small, latency-bound messages); keepalive and the
-/// user timeout make a silently dead peer a dead connection. Failures only lose those
-/// benefits, so they are logged, not fatal.
-fn tune_tcp(s: &TcpStream, opts: &ConnectOptions) {
-    let sock = SockRef::from(s);
-    let keepalive = TcpKeepalive::new()
-        .with_time(Duration::from_secs(10))
-        .with_interval(Duration::from_secs(5))
-        .with_retries(3);
-    let results = [
-        sock.set_nodelay(true),
-        sock.set_tcp_keepalive(&keepalive),
-        sock.set_tcp_user_timeout(Some(opts.user_timeout)),
-    ];
-    for e in results.into_iter().filter_map(Result::err) {
-        tracing::warn!(error = %e, "cannot set a TCP option on an NBD connection");
-    }
 }
 
 fn connect_error(e: &io::Error, path: Option<&PathBuf>) -> NbdError {
@@ -2143,35 +2124,5 @@ mod tests {
             NbdUri::parse("nbds://h/x"),
             Err(NbdError::TlsUri { .. })
         ));
-    }
-}
-
-#[cfg(test)]
-mod tcp_option_tests {
-    use super::*;
-
-    /// A dead peer must become a dead connection: NBD connections carry keepalive probes
-    /// (10 s idle, then every 5 s, 3 tries), TCP_USER_TIMEOUT equal to the request
-    /// deadline, and no Nagle delay.
-    #[tokio::test]
-    async fn tcp_connections_get_keepalive_user_timeout_and_nodelay() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let s = TcpStream::connect(addr).await.unwrap();
-        let opts = ConnectOptions {
-            connect_timeout: Duration::from_secs(1),
-            user_timeout: Duration::from_secs(7),
-        };
-        tune_tcp(&s, &opts);
-        let sock = SockRef::from(&s);
-        assert!(sock.nodelay().unwrap());
-        assert!(sock.keepalive().unwrap());
-        assert_eq!(sock.keepalive_time().unwrap(), Duration::from_secs(10));
-        assert_eq!(sock.keepalive_interval().unwrap(), Duration::from_secs(5));
-        assert_eq!(sock.keepalive_retries().unwrap(), 3);
-        assert_eq!(
-            sock.tcp_user_timeout().unwrap(),
-            Some(Duration::from_secs(7))
-        );
     }
 }
