@@ -361,6 +361,32 @@ fn parse_aoe(addr: &str, rest: &str) -> Result<MemberAddr, AddrError> {
     })
 }
 
+/// `host[:port]` or `[v6]:port` of a URL-style address; `default_port` when none is
+/// given. The error says what is wrong, for the caller to wrap with the address.
+pub(crate) fn host_port(hp: &str, default_port: u16) -> Result<(String, u16), String> {
+    let (host, port) = if let Some(v6) = hp.strip_prefix('[') {
+        let (h, after) = v6.split_once(']').ok_or("unclosed '[' in the host")?;
+        (h, after.strip_prefix(':'))
+    } else {
+        match hp.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (hp, None),
+        }
+    };
+    if host.is_empty() {
+        return Err("it names no host".into());
+    }
+    let port = match port {
+        None | Some("") => default_port,
+        Some(p) => p
+            .parse::<u16>()
+            .ok()
+            .filter(|&p| p != 0)
+            .ok_or_else(|| format!("'{p}' is not a port number"))?,
+    };
+    Ok((host.to_string(), port))
+}
+
 /// Parse a size: a byte count with an optional unit K/KiB, M/MiB, G/GiB, T/TiB (or B),
 /// case-insensitive, powers of 1024, optionally separated by spaces: `64KiB`, `512M`,
 /// `1 GiB`, `1073741824`. Decimal units (KB, GB) are refused rather than guessed.

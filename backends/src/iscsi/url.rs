@@ -43,7 +43,8 @@ impl IscsiUrl {
             Some((a, h)) => (Some(a), h),
             None => (None, authority),
         };
-        let (host, port) = host_port(hostport).map_err(|w| bad(text, &w))?;
+        let (host, port) =
+            crate::addr::host_port(hostport, DEFAULT_PORT).map_err(|w| bad(text, &w))?;
         let (user, password) = match auth {
             None => (None, None),
             Some(a) => {
@@ -130,30 +131,6 @@ pub fn redact_text(url: &str) -> String {
         }
         _ => url.to_string(),
     }
-}
-
-fn host_port(hp: &str) -> Result<(String, u16), String> {
-    let (host, port) = if let Some(v6) = hp.strip_prefix('[') {
-        let (h, after) = v6.split_once(']').ok_or("unclosed '[' in the host")?;
-        (h, after.strip_prefix(':'))
-    } else {
-        match hp.rsplit_once(':') {
-            Some((h, p)) => (h, Some(p)),
-            None => (hp, None),
-        }
-    };
-    if host.is_empty() {
-        return Err("it names no host".into());
-    }
-    let port = match port {
-        None | Some("") => DEFAULT_PORT,
-        Some(p) => p
-            .parse::<u16>()
-            .ok()
-            .filter(|&p| p != 0)
-            .ok_or_else(|| format!("'{p}' is not a port number"))?,
-    };
-    Ok((host.to_string(), port))
 }
 
 #[cfg(test)]

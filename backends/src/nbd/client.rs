@@ -143,30 +143,8 @@ fn unix_transport(authority: &str, query: &str) -> Result<Transport, &'static st
 fn tcp_transport(authority: &str) -> Result<Transport, String> {
     // user@ is for TLS PSK in libnbd; without TLS it means nothing.
     let hostport = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
-    let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
-        let (h, after) = v6.split_once(']').ok_or("unclosed '[' in the host")?;
-        (h, after.strip_prefix(':'))
-    } else {
-        match hostport.rsplit_once(':') {
-            Some((h, p)) => (h, Some(p)),
-            None => (hostport, None),
-        }
-    };
-    if host.is_empty() {
-        return Err("it names no host".into());
-    }
-    let port = match port {
-        None | Some("") => wire::DEFAULT_PORT,
-        Some(p) => p
-            .parse::<u16>()
-            .ok()
-            .filter(|&p| p != 0)
-            .ok_or_else(|| format!("'{p}' is not a port number"))?,
-    };
-    Ok(Transport::Tcp {
-        host: host.to_string(),
-        port,
-    })
+    let (host, port) = crate::addr::host_port(hostport, wire::DEFAULT_PORT)?;
+    Ok(Transport::Tcp { host, port })
 }
 
 /// Decode %XX escapes; None for a malformed escape or a result that is not UTF-8.
