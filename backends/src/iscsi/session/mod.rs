@@ -597,10 +597,11 @@ impl Session {
         })
     }
 
-    /// NOP-Out ping; Ok once the target's NOP-In answers it.
-    pub async fn ping(&self, deadline: Instant) -> Result<(), String> {
+    /// A fresh task tag registered for a data-less answer (NOP-In, Logout Response) due by
+    /// `deadline`; the receiver gets the answer, or Expired from the sweeper.
+    fn expect_answer(&self, deadline: Instant) -> (u32, events::EventRx) {
         let itt = self.new_itt();
-        let (tx, mut rx) = events::channel();
+        let (tx, rx) = events::channel();
         self.lock_table().insert(
             itt,
             Pending {
@@ -610,6 +611,12 @@ impl Session {
                 events: tx,
             },
         );
+        (itt, rx)
+    }
+
+    /// NOP-Out ping; Ok once the target's NOP-In answers it.
+    pub async fn ping(&self, deadline: Instant) -> Result<(), String> {
+        let (itt, mut rx) = self.expect_answer(deadline);
         let mut b = Bhs::new(pdu::OP_NOP_OUT);
         b.set_immediate();
         b.set_flags(pdu::F_FINAL);
@@ -681,17 +688,7 @@ impl Session {
         if self.is_dead() {
             return;
         }
-        let itt = self.new_itt();
-        let (tx, mut rx) = events::channel();
-        self.lock_table().insert(
-            itt,
-            Pending {
-                deadline,
-                data_in: None,
-                received: 0,
-                events: tx,
-            },
-        );
+        let (itt, mut rx) = self.expect_answer(deadline);
         let mut b = Bhs::new(pdu::OP_LOGOUT_REQ);
         b.set_immediate();
         b.set_flags(pdu::F_FINAL); // reason 0: close the session
