@@ -19,8 +19,11 @@ use tokio::time::Sleep;
 pub struct StallWriter<W> {
     inner: W,
     limit: Duration,
-    /// Armed while the inner writer is blocked; cleared by any progress.
-    deadline: Option<Pin<Box<Sleep>>>,
+    /// One timer per connection, re-armed (not re-allocated) each time the inner writer
+    /// blocks.
+    deadline: Pin<Box<Sleep>>,
+    /// Whether the inner writer is blocked now; cleared by any progress.
+    armed: bool,
 }
 
 impl<W> StallWriter<W> {
@@ -28,21 +31,25 @@ impl<W> StallWriter<W> {
         StallWriter {
             inner,
             limit,
-            deadline: None,
+            deadline: Box::pin(tokio::time::sleep(limit)),
+            armed: false,
         }
     }
 
     /// The inner writer's answer, with the stall timer kept in step with it.
     fn watch<T>(&mut self, cx: &mut Context<'_>, r: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
         if r.is_ready() {
-            self.deadline = None;
+            self.armed = false;
             return r;
         }
         let limit = self.limit;
-        let deadline = self
-            .deadline
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
-        match deadline.as_mut().poll(cx) {
+        if !self.armed {
+            self.armed = true;
+            self.deadline
+                .as_mut()
+                .reset(tokio::time::Instant::now() + limit);
+        }
+        match self.deadline.as_mut().poll(cx) {
             Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
                 io::ErrorKind::TimedOut,
                 format!("the peer read nothing for {limit:?}"),
