@@ -212,6 +212,30 @@ impl Array {
         })
     }
 
+    /// `buffer()` without waiting: None when the pool's class for it is exhausted right
+    /// now (the caller then waits with `buffer()`).
+    pub fn try_buffer(&self, offset: u64, len: u64) -> Option<IoResult<FrontBuf>> {
+        if len > self.max_io() {
+            return Some(Err(IoError::Invalid(format!(
+                "request of {len} bytes exceeds the maximum of {} bytes",
+                self.max_io()
+            ))));
+        }
+        let span = self.buffer_len(offset, len);
+        if self.pool.class_index(span).is_none() {
+            return Some(Err(IoError::Invalid(format!(
+                "no buffer class holds {span} bytes"
+            ))));
+        }
+        let buf = self.pool.try_get(span)?;
+        let bs = self.block_size as u64;
+        Some(Ok(FrontBuf {
+            buf,
+            pad: (offset % bs) as usize,
+            len: len as usize,
+        }))
+    }
+
     /// How many bytes `buffer(offset, len)` takes from the pool: the request widened to
     /// whole blocks.
     pub fn buffer_len(&self, offset: u64, len: u64) -> usize {

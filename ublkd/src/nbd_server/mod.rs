@@ -6,14 +6,13 @@
 //! NBD_REP_ERR_UNSUP. Transmission: READ, WRITE, FLUSH, TRIM, WRITE_ZEROES, BLOCK_STATUS,
 //! CACHE (a range-checked no-op), DISC; simple or structured replies.
 //!
-//! Per connection, one reader loop parses requests and spawns one task per request, so
-//! requests run concurrently and replies go out in completion order. Tasks are never
-//! aborted: member futures must run to completion (raidcore `IoBuf`). Replies travel over
-//! a channel to one writer task that owns the socket's write half, batches replies in a
-//! `BufWriter` and flushes whenever the channel is momentarily empty. A read reply carries
-//! its pool buffer to the writer, so data goes from the array's buffer to the socket with
-//! no copy. A per-connection semaphore bounds requests in flight (and so the pool buffers
-//! one client can hold); the reader stops reading while it is exhausted.
+//! Per connection, one task: negotiation here, then transmission (`transmission.rs`),
+//! where requests run inside the connection's task (`in_flight.rs`) and replies go out
+//! many per vectored write (`replies.rs`).
+
+mod in_flight;
+mod replies;
+mod transmission;
 
 use std::io;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
@@ -22,14 +21,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
-use backends::nbd::wire::{self, ChunkHeader, Greeting, OptionHeader, OptionReply, Request};
-use backends::nbd::wire::{SimpleReply, META_BASE_ALLOCATION};
-use raidcore::{ArrayRef, Flags, FrontBuf, FrontIo, IoError, Op};
+use backends::nbd::wire::{self, Greeting, OptionHeader, OptionReply, META_BASE_ALLOCATION};
+use raidcore::ArrayRef;
+use replies::BASE_ALLOCATION_ID;
 
 use crate::stall::StallWriter;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{TcpListener, UnixListener, UnixStream};
-use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 /// Option payloads larger than this are refused: the largest legitimate one (GO with a
@@ -38,21 +37,10 @@ const MAX_OPTION_LEN: u32 = 64 << 10;
 /// An oversized option payload up to this size is skipped and refused with ERR_TOO_BIG;
 /// beyond it the client is treated as hostile and disconnected.
 const MAX_OPTION_SKIP: u32 = 1 << 20;
-/// A refused WRITE's payload up to this size is read and discarded so the connection stays
-/// in step; beyond it the client is disconnected.
-const MAX_WRITE_SKIP: u32 = 64 << 20;
-/// Requests in flight per connection (spawned tasks plus replies waiting to be written).
-const MAX_IN_FLIGHT: usize = 256;
 const READ_BUF: usize = 64 << 10;
 const WRITE_BUF: usize = 256 << 10;
-/// The id `base:allocation` gets from NBD_OPT_SET_META_CONTEXT.
-const BASE_ALLOCATION_ID: u32 = 1;
 /// How long `shutdown` waits, after forcing connections closed, for their tasks to notice.
 const FORCE_GRACE: Duration = Duration::from_secs(1);
-/// One connection holds at most 1/SHARE_DIVISOR of each pool class's buffers, so a client
-/// that stops reading its replies (they keep their buffers until written) cannot starve
-/// the other clients on its own.
-const SHARE_DIVISOR: usize = 4;
 /// A connection whose peer accepts no byte of its replies for this long is ended and its
 /// replies' buffers go back to the pool (see `stall.rs`).
 pub const REPLY_STALL: Duration = Duration::from_secs(60);
@@ -187,6 +175,24 @@ impl NbdServer {
             return Ok(());
         };
         self.transmission(r, w, peer, session).await
+    }
+
+    /// Hand the negotiated connection to the transmission engine, with whatever the
+    /// client already sent past its last option.
+    async fn transmission(&self, r: Rd, w: Wr, peer: &str, s: Session) -> io::Result<()> {
+        let pending = r.buffer().to_vec();
+        let r = r.into_inner();
+        // Negotiation flushes after every option: nothing is left in the BufWriter.
+        let w = w.into_inner();
+        let session = transmission::Session {
+            array: self.exports[s.export].array.clone(),
+            peer: peer.to_string(),
+            structured: s.structured,
+            base_alloc: s.base_alloc,
+        };
+        tracing::debug!(%peer, export = %self.exports[s.export].name, structured = s.structured, "NBD transmission");
+        let (stop, force) = (self.stopping.subscribe(), self.force.subscribe());
+        transmission::run(session, r, w, &pending, stop, force).await
     }
 
     fn find_export(&self, name: &[u8]) -> Option<usize> {
@@ -740,511 +746,6 @@ async fn skip(r: &mut Rd, len: u64) -> io::Result<()> {
         return Err(io::ErrorKind::UnexpectedEof.into());
     }
     Ok(())
-}
-
-// ---- Transmission -------------------------------------------------------------------
-
-/// What a finished request sends back.
-enum Body {
-    /// Success without data: a simple reply (allowed for everything but READ).
-    Ok,
-    /// Success of a zero-length READ: a NONE chunk when structured.
-    Done,
-    /// READ data, in the request's pool buffer.
-    Data {
-        offset: u64,
-        buf: FrontBuf,
-    },
-    Err {
-        error: u32,
-        msg: String,
-    },
-    /// One `base:allocation` extent.
-    Extent {
-        len: u32,
-        flags: u32,
-    },
-}
-
-/// A reply on its way to the writer. The permit is the request's in-flight slot: it is
-/// released only once the reply has been written (or dropped).
-struct Outgoing {
-    handle: u64,
-    body: Body,
-    _held: Held,
-}
-
-/// What a request holds until its reply is written: its place among the connection's
-/// requests in flight and, for reads and writes, its share of the pool class its buffer
-/// comes from.
-struct Held {
-    _slot: OwnedSemaphorePermit,
-    _share: Option<OwnedSemaphorePermit>,
-}
-
-/// One connection in transmission, shared by its reader loop and request tasks.
-struct Conn {
-    array: ArrayRef,
-    peer: String,
-    structured: bool,
-    base_alloc: bool,
-    size: u64,
-    max_len: u64,
-    tx: mpsc::Sender<Outgoing>,
-    slots: Arc<Semaphore>,
-    /// Per pool class: the buffers this connection may hold at once.
-    shares: Vec<Arc<Semaphore>>,
-}
-
-enum Flow {
-    Continue,
-    Stop,
-}
-
-impl NbdServer {
-    async fn transmission(&self, mut r: Rd, w: Wr, peer: &str, s: Session) -> io::Result<()> {
-        let array = self.exports[s.export].array.clone();
-        // Capacity equals the slot count, so a task holding a slot never waits to send.
-        let (tx, rx) = mpsc::channel(MAX_IN_FLIGHT);
-        let writer = tokio::spawn(write_replies(
-            w,
-            rx,
-            s.structured,
-            self.force.subscribe(),
-            peer.to_string(),
-        ));
-        let conn = Arc::new(Conn {
-            size: array.size(),
-            max_len: block_sizes(&array).2 as u64,
-            shares: array_shares(&array),
-            array,
-            peer: peer.to_string(),
-            structured: s.structured,
-            base_alloc: s.base_alloc,
-            tx,
-            slots: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
-        });
-        tracing::debug!(%peer, export = %self.exports[s.export].name, structured = s.structured, "NBD transmission");
-        let mut stop = self.stopping.subscribe();
-        let res = loop {
-            let step = tokio::select! {
-                biased;
-                _ = flagged(&mut stop) => break Ok(()),
-                step = conn.next_request(&mut r) => step,
-            };
-            match step {
-                Ok(Flow::Continue) => {}
-                Ok(Flow::Stop) => break Ok(()),
-                Err(e) => break Err(e),
-            }
-        };
-        // The writer ends once every task has sent its reply (the last sender is gone),
-        // or at once when shutdown forces connections closed.
-        drop(conn);
-        let _ = writer.await;
-        match res {
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(()),
-            other => other,
-        }
-    }
-}
-
-impl Conn {
-    /// Read one request (and a WRITE's payload) and start it.
-    async fn next_request(self: &Arc<Self>, r: &mut Rd) -> io::Result<Flow> {
-        let mut hb = [0u8; wire::REQUEST_LEN];
-        r.read_exact(&mut hb).await?;
-        let Ok(q) = Request::decode(&hb) else {
-            tracing::warn!(peer = %self.peer, "NBD request with bad magic; disconnecting");
-            return Ok(Flow::Stop);
-        };
-        if q.typ == wire::CMD_DISC {
-            return Ok(Flow::Stop);
-        }
-        let permit = self
-            .slots
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("slots never close");
-        let slot = Held {
-            _slot: permit,
-            _share: None,
-        };
-        if q.typ == wire::CMD_WRITE {
-            return self.start_write(r, q, slot).await;
-        }
-        match self.validate(&q) {
-            Ok(()) => {
-                let mut slot = slot;
-                self.take_share(&mut slot, &q).await;
-                tokio::spawn(self.clone().execute(q, None, slot));
-            }
-            Err(e) => self.refuse(q, e, slot).await,
-        }
-        Ok(Flow::Continue)
-    }
-
-    /// A WRITE: its payload goes straight into a pool buffer. When refused, the payload is
-    /// still read (and dropped) so the stream stays in step.
-    async fn start_write(
-        self: &Arc<Self>,
-        r: &mut Rd,
-        q: Request,
-        mut slot: Held,
-    ) -> io::Result<Flow> {
-        let refusal = match self.validate(&q) {
-            Ok(()) => {
-                self.take_share(&mut slot, &q).await;
-                match self.array.buffer(q.offset, q.len as u64).await {
-                    Ok(mut buf) => {
-                        // A client vanishing here leaves nothing written and nothing
-                        // acknowledged: the buffer is dropped with the error.
-                        r.read_exact(buf.data_mut()).await?;
-                        tokio::spawn(self.clone().execute(q, Some(buf), slot));
-                        return Ok(Flow::Continue);
-                    }
-                    Err(e) => Refusal::from_io(&e),
-                }
-            }
-            Err(refusal) => refusal,
-        };
-        if q.len > MAX_WRITE_SKIP {
-            tracing::warn!(peer = %self.peer, len = q.len, "NBD write refused and too long to skip; disconnecting");
-            return Ok(Flow::Stop);
-        }
-        skip(r, q.len as u64).await?;
-        self.refuse(q, refusal, slot).await;
-        Ok(Flow::Continue)
-    }
-
-    /// A READ or WRITE waits for this connection's share of the pool class its buffer
-    /// comes from (see [`SHARE_DIVISOR`]); other commands take no buffer.
-    async fn take_share(&self, held: &mut Held, q: &Request) {
-        if !matches!(q.typ, wire::CMD_READ | wire::CMD_WRITE) {
-            return;
-        }
-        let span = self.array.buffer_len(q.offset, q.len as u64);
-        if let Some(class) = self.array.pool().class_index(span) {
-            held._share = self.shares[class].clone().acquire_owned().await.ok();
-        }
-    }
-
-    /// Check a request against the spec's rules before anything runs.
-    fn validate(&self, q: &Request) -> Result<(), Refusal> {
-        use wire::*;
-        let allowed = match q.typ {
-            CMD_READ if self.structured => CMD_FLAG_FUA | CMD_FLAG_DF,
-            CMD_READ | CMD_WRITE | CMD_FLUSH | CMD_TRIM | CMD_CACHE => CMD_FLAG_FUA,
-            CMD_WRITE_ZEROES => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
-            CMD_BLOCK_STATUS => CMD_FLAG_FUA | CMD_FLAG_REQ_ONE,
-            t => return Err(Refusal::einval(format!("unknown command {t}"))),
-        };
-        if q.flags & !allowed != 0 {
-            let msg = format!("flags {:#x} are not valid for command {}", q.flags, q.typ);
-            return Err(Refusal::einval(msg));
-        }
-        if q.typ == CMD_FLUSH {
-            return Ok(());
-        }
-        let len = q.len as u64;
-        if matches!(q.typ, CMD_READ | CMD_WRITE | CMD_CACHE) && len > self.max_len {
-            let msg = format!(
-                "length {len} exceeds the maximum block size {}",
-                self.max_len
-            );
-            return Err(Refusal::einval(msg));
-        }
-        let past_end = match q.offset.checked_add(len) {
-            Some(end) => end > self.size,
-            None => true,
-        };
-        if past_end {
-            // The spec: ENOSPC for writes past the end, EINVAL for everything else.
-            let error = match q.typ {
-                CMD_WRITE | CMD_WRITE_ZEROES => NBD_ENOSPC,
-                _ => NBD_EINVAL,
-            };
-            let msg = format!(
-                "range {}+{len} is past the end of the export ({} bytes)",
-                q.offset, self.size
-            );
-            return Err(Refusal { error, msg });
-        }
-        if q.typ == CMD_BLOCK_STATUS {
-            if !self.base_alloc {
-                let msg = "BLOCK_STATUS needs structured replies and base:allocation selected";
-                return Err(Refusal::einval(msg.into()));
-            }
-            if len == 0 {
-                return Err(Refusal::einval("BLOCK_STATUS of length 0".into()));
-            }
-        }
-        Ok(())
-    }
-
-    async fn refuse(&self, q: Request, e: Refusal, slot: Held) {
-        tracing::debug!(peer = %self.peer, cmd = q.typ, offset = q.offset, len = q.len, error = e.error, msg = %e.msg, "NBD request refused");
-        self.send(q.handle, e.into_body(), slot).await;
-    }
-
-    async fn send(&self, handle: u64, body: Body, slot: Held) {
-        let out = Outgoing {
-            handle,
-            body,
-            _held: slot,
-        };
-        // Fails only when the writer gave up (forced close): the reply is dropped.
-        let _ = self.tx.send(out).await;
-    }
-
-    /// Run one validated request to completion and queue its reply. Spawned; never
-    /// aborted.
-    async fn execute(self: Arc<Self>, q: Request, buf: Option<FrontBuf>, slot: Held) {
-        let body = match q.typ {
-            wire::CMD_READ => self.read(&q).await,
-            wire::CMD_WRITE => match buf {
-                Some(mut b) => status(self.submit(&q, Op::Write, Some(&mut b)).await),
-                None => Refusal::einval("write without payload".into()).into_body(),
-            },
-            wire::CMD_FLUSH => status(self.submit(&q, Op::Flush, None).await),
-            wire::CMD_TRIM => status(self.trim(&q).await),
-            wire::CMD_WRITE_ZEROES => status(self.submit(&q, Op::WriteZeroes, None).await),
-            // CACHE is advisory; the range was checked, there is nothing to warm.
-            wire::CMD_CACHE => Body::Ok,
-            wire::CMD_BLOCK_STATUS => Body::Extent {
-                len: q.len,
-                flags: 0,
-            },
-            t => Refusal::einval(format!("unknown command {t}")).into_body(),
-        };
-        self.send(q.handle, body, slot).await;
-    }
-
-    async fn submit(&self, q: &Request, op: Op, buf: Option<&mut FrontBuf>) -> Result<(), IoError> {
-        let (offset, len) = if op == Op::Flush {
-            (0, 0)
-        } else {
-            (q.offset, q.len as u64)
-        };
-        let flags = Flags {
-            fua: q.flags & wire::CMD_FLAG_FUA != 0,
-            no_hole: q.flags & wire::CMD_FLAG_NO_HOLE != 0,
-            fast_zero: q.flags & wire::CMD_FLAG_FAST_ZERO != 0,
-        };
-        self.array
-            .submit(
-                FrontIo {
-                    op,
-                    offset,
-                    len,
-                    flags,
-                },
-                buf,
-            )
-            .await
-    }
-
-    async fn read(&self, q: &Request) -> Body {
-        let mut buf = match self.array.buffer(q.offset, q.len as u64).await {
-            Ok(b) => b,
-            Err(e) => return Refusal::from_io(&e).into_body(),
-        };
-        match self.submit(q, Op::Read, Some(&mut buf)).await {
-            Ok(()) if q.len == 0 => Body::Done,
-            Ok(()) => Body::Data {
-                offset: q.offset,
-                buf,
-            },
-            Err(e) => Refusal::from_io(&e).into_body(),
-        }
-    }
-
-    /// The array treats trim as advisory and ignores FUA on it; a client asking for FUA
-    /// gets a flush so whatever was discarded is durable before the reply.
-    async fn trim(&self, q: &Request) -> Result<(), IoError> {
-        self.submit(q, Op::Trim, None).await?;
-        if q.flags & wire::CMD_FLAG_FUA != 0 {
-            self.submit(q, Op::Flush, None).await?;
-        }
-        Ok(())
-    }
-}
-
-/// A request answered with an error.
-struct Refusal {
-    error: u32,
-    msg: String,
-}
-
-impl Refusal {
-    fn einval(msg: String) -> Self {
-        Refusal {
-            error: wire::NBD_EINVAL,
-            msg,
-        }
-    }
-
-    fn from_io(e: &IoError) -> Self {
-        Refusal {
-            error: wire::errno_to_nbd(e.errno()),
-            msg: e.to_string(),
-        }
-    }
-
-    fn into_body(self) -> Body {
-        Body::Err {
-            error: self.error,
-            msg: self.msg,
-        }
-    }
-}
-
-/// One semaphore per pool class, with 1/SHARE_DIVISOR of the class's buffers.
-fn array_shares(array: &ArrayRef) -> Vec<Arc<Semaphore>> {
-    array
-        .pool()
-        .usage()
-        .iter()
-        .map(|&(_, _, total)| Arc::new(Semaphore::new((total / SHARE_DIVISOR).max(1))))
-        .collect()
-}
-
-fn status(r: Result<(), IoError>) -> Body {
-    match r {
-        Ok(()) => Body::Ok,
-        Err(e) => Refusal::from_io(&e).into_body(),
-    }
-}
-
-// ---- Reply writer -------------------------------------------------------------------
-
-/// Own the write half: write replies as they come, batching whatever is queued and
-/// flushing when the queue is momentarily empty. After a write error it keeps draining
-/// (dropping replies) so it ends only when every request task has finished; when
-/// shutdown forces connections closed it ends at once.
-async fn write_replies(
-    w: Wr,
-    mut rx: mpsc::Receiver<Outgoing>,
-    structured: bool,
-    mut force: watch::Receiver<bool>,
-    peer: String,
-) {
-    let mut w = Some(w);
-    loop {
-        let next = tokio::select! {
-            biased;
-            _ = flagged(&mut force) => return,
-            next = rx.recv() => next,
-        };
-        let Some(first) = next else { break };
-        let Some(out) = w.as_mut() else { continue };
-        let written = tokio::select! {
-            biased;
-            // Forced: drop the socket without flushing (the peer may not be reading).
-            _ = flagged(&mut force) => return,
-            r = write_batch(out, first, &mut rx, structured) => r,
-        };
-        if let Err(e) = written {
-            tracing::debug!(%peer, error = %e, "NBD reply write failed; dropping further replies");
-            w = None;
-        }
-    }
-    if let Some(mut out) = w {
-        let _ = out.shutdown().await;
-    }
-}
-
-async fn write_batch(
-    w: &mut Wr,
-    first: Outgoing,
-    rx: &mut mpsc::Receiver<Outgoing>,
-    structured: bool,
-) -> io::Result<()> {
-    write_reply(w, &first, structured).await?;
-    drop(first);
-    while let Ok(next) = rx.try_recv() {
-        write_reply(w, &next, structured).await?;
-    }
-    w.flush().await
-}
-
-/// Payloads at least this large skip the BufWriter: copying them into it would cost a
-/// full extra copy (tokio's BufWriter copies whatever part of a write fits its buffer,
-/// which includes the tail of every large partial write).
-const DIRECT_PAYLOAD: usize = 32 << 10;
-
-/// A reply header and its data: small ones batch in the BufWriter; large ones flush what
-/// is queued, then go to the socket straight from the pool buffer with vectored writes.
-async fn write_payload(w: &mut Wr, head: &[u8], data: &[u8]) -> io::Result<()> {
-    if data.len() < DIRECT_PAYLOAD {
-        w.write_all(head).await?;
-        return w.write_all(data).await;
-    }
-    w.flush().await?;
-    let sock = w.get_mut();
-    let (mut h, mut d) = (head, data);
-    while !h.is_empty() {
-        let n = sock
-            .write_vectored(&[io::IoSlice::new(h), io::IoSlice::new(d)])
-            .await?;
-        if n == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
-        }
-        let from_h = n.min(h.len());
-        h = &h[from_h..];
-        d = &d[n - from_h..];
-    }
-    sock.write_all(d).await
-}
-
-async fn write_reply(w: &mut Wr, o: &Outgoing, structured: bool) -> io::Result<()> {
-    let handle = o.handle;
-    let simple = |error| SimpleReply { error, handle }.encode();
-    let chunk = |typ, len| {
-        ChunkHeader {
-            flags: wire::REPLY_FLAG_DONE,
-            typ,
-            handle,
-            len,
-        }
-        .encode()
-    };
-    match &o.body {
-        Body::Ok => w.write_all(&simple(0)).await,
-        Body::Done if structured => w.write_all(&chunk(wire::REPLY_TYPE_NONE, 0)).await,
-        Body::Done => w.write_all(&simple(0)).await,
-        Body::Data { offset, buf } => {
-            let data = buf.data();
-            let mut head = [0u8; 28];
-            let head = if structured {
-                // One chunk, flagged DONE: all data is in hand, so no later error is
-                // possible, and it satisfies DF.
-                head[..20]
-                    .copy_from_slice(&chunk(wire::REPLY_TYPE_OFFSET_DATA, 8 + data.len() as u32));
-                head[20..28].copy_from_slice(&offset.to_be_bytes());
-                &head[..28]
-            } else {
-                let h = simple(0);
-                head[..h.len()].copy_from_slice(&h);
-                &head[..h.len()]
-            };
-            write_payload(w, head, data).await
-        }
-        Body::Err { error, msg } if structured => {
-            let p = wire::encode_error_payload(*error, msg);
-            w.write_all(&chunk(wire::REPLY_TYPE_ERROR, p.len() as u32))
-                .await?;
-            w.write_all(&p).await
-        }
-        Body::Err { error, .. } => w.write_all(&simple(*error)).await,
-        Body::Extent { len, flags } => {
-            let p = wire::encode_block_status_payload(BASE_ALLOCATION_ID, &[(*len, *flags)]);
-            w.write_all(&chunk(wire::REPLY_TYPE_BLOCK_STATUS, p.len() as u32))
-                .await?;
-            w.write_all(&p).await
-        }
-    }
 }
 
 #[cfg(test)]
