@@ -9,6 +9,7 @@ pub mod error;
 pub mod io;
 pub mod level;
 pub mod member;
+pub mod plug;
 pub mod queue;
 pub mod rebuild;
 pub mod superblock;

@@ -159,7 +159,10 @@ impl Uring {
                 reply,
                 _permit: permit,
             });
-            ring.enter(0);
+            // Under a plug the SQE waits for the batch (see Inner::ring); else in now.
+            if !raidcore::plug::defer(inner) {
+                ring.enter(0);
+            }
         }
         // A dropped sender means the job was discarded at shutdown.
         done.await.unwrap_or(Err(JobError::Shutdown))
@@ -179,6 +182,16 @@ impl Uring {
 impl Drop for Uring {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// The plug's doorbell: one io_uring_enter for every SQE queued under it.
+impl raidcore::plug::Doorbell for Inner {
+    fn ring(self: Arc<Self>) {
+        let mut ring = self.lock();
+        if !ring.ring.submission().is_empty() {
+            ring.enter(0);
+        }
     }
 }
 

@@ -18,7 +18,7 @@ use std::future::Future;
 use std::io::{self, IoSlice};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use raidcore::{IoBuf, IoError, IoResult};
@@ -1012,7 +1012,7 @@ impl Conn {
     /// Send one request and wait for its reply. Dropping the future abandons the request
     /// safely (see the module docs); a request cut off while being written kills the
     /// connection, since the stream is then out of step.
-    pub async fn request(&self, cmd: Cmd) -> Outcome {
+    pub async fn request(self: &Arc<Self>, cmd: Cmd) -> Outcome {
         let handle = self.next_handle.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         {
@@ -1035,7 +1035,7 @@ impl Conn {
     /// Write the request: queued for the current writer when it is small, else written by
     /// this caller once it holds the writer role. On failure the connection is killed, and
     /// the reader's drain answers the request `Lost`.
-    async fn send(&self, cmd: &Cmd, handle: u64, guard: &mut InFlight<'_>) {
+    async fn send(self: &Arc<Self>, cmd: &Cmd, handle: u64, guard: &mut InFlight<'_>) {
         let header = Request {
             flags: cmd.flags,
             typ: cmd.typ,
@@ -1055,6 +1055,8 @@ impl Conn {
             match self.enqueue(&header, body, guard) {
                 Queued::Dead => self.kill(),
                 Queued::ForTheWriter => {}
+                // Under a plug, the whole batch is written once the plug goes (ring).
+                Queued::MustWrite if raidcore::plug::defer(self) => {}
                 Queued::MustWrite => self.write_queued(None).await,
             }
             return;
@@ -1140,6 +1142,56 @@ impl Conn {
         }
         role.0 = None;
         self.idle.notify_one();
+    }
+
+    /// As the writer (the role taken by a request deferred under a plug): write what is
+    /// queued without waiting. Whatever the socket does not take now is written by a
+    /// task, which then lets go of the role.
+    fn write_queued_now(self: Arc<Self>) {
+        loop {
+            let batch = {
+                let mut out = self.out();
+                if out.bytes.is_empty() {
+                    out.busy = false;
+                    drop(out);
+                    self.idle.notify_one();
+                    return;
+                }
+                let spare = std::mem::take(&mut out.spare);
+                std::mem::replace(&mut out.bytes, spare)
+            };
+            let written = match self.stream.try_write_vectored(&[IoSlice::new(&batch)]) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+                Err(e) => {
+                    tracing::debug!(member = %self.label, error = %e, "NBD send failed");
+                    self.kill();
+                    self.abandon_writer_role();
+                    return;
+                }
+            };
+            if written < batch.len() {
+                // Put the rest back in front of anything queued since, in order.
+                let mut out = self.out();
+                let mut rest = batch[written..].to_vec();
+                rest.extend_from_slice(&out.bytes);
+                out.bytes = rest;
+                drop(out);
+                match tokio::runtime::Handle::try_current() {
+                    Ok(rt) => {
+                        rt.spawn(async move { self.write_queued(None).await });
+                    }
+                    Err(_) => {
+                        self.kill();
+                        self.abandon_writer_role();
+                    }
+                }
+                return;
+            }
+            let mut batch = batch;
+            batch.clear();
+            self.out().spare = batch;
+        }
     }
 
     /// After a failed or cancelled write, on a connection already killed: what is still
@@ -1311,6 +1363,13 @@ impl<'a> InFlight<'a> {
             sent: false,
             finished: false,
         }
+    }
+}
+
+/// The plug's doorbell: requests queued under the plug go out in one write.
+impl raidcore::plug::Doorbell for Conn {
+    fn ring(self: Arc<Self>) {
+        self.write_queued_now();
     }
 }
 
@@ -1721,6 +1780,64 @@ mod tests {
             offset,
             len: buf.len() as u32,
             buf: IoBuf::from_slice(buf),
+        }
+    }
+
+    /// Writes started together under a plug go out as one batch when it is dropped.
+    /// Here the batch (200 x 16 KiB) is far more than the socket takes at once, so the
+    /// doorbell's write stops part way and a task writes the rest: every request must
+    /// still reach the server whole, once, in the order the requests were made.
+    #[tokio::test]
+    async fn a_plugged_batch_larger_than_the_socket_arrives_whole_and_in_order() {
+        const N: usize = 200;
+        const LEN: usize = 16 << 10;
+        let (c, mut s) = conn(false);
+        let mut data: Vec<Vec<u8>> = (0..N).map(|i| vec![i as u8; LEN]).collect();
+        let mut reqs: Vec<_> = data
+            .iter_mut()
+            .enumerate()
+            .map(|(i, d)| {
+                let cmd = Cmd {
+                    typ: wire::CMD_WRITE,
+                    flags: 0,
+                    offset: (i * LEN) as u64,
+                    len: LEN as u32,
+                    buf: IoBuf::from_slice(d),
+                };
+                Box::pin(c.request(cmd))
+            })
+            .collect();
+        {
+            let _plug = raidcore::plug::Plug::new();
+            let waker = futures::task::noop_waker();
+            let mut cx = std::task::Context::from_waker(&waker);
+            for r in &mut reqs {
+                assert!(r.as_mut().poll(&mut cx).is_pending());
+            }
+        }
+        let server = async move {
+            for i in 0..N {
+                let mut b = [0u8; wire::REQUEST_LEN];
+                s.read_exact(&mut b).await.unwrap();
+                let r = Request::decode(&b).unwrap();
+                assert_eq!(r.offset, (i * LEN) as u64, "request {i} in order");
+                let mut p = vec![0u8; r.len as usize];
+                s.read_exact(&mut p).await.unwrap();
+                assert!(p.iter().all(|&x| x == i as u8), "payload of request {i}");
+                let reply = SimpleReply {
+                    error: 0,
+                    handle: r.handle,
+                };
+                s.write_all(&reply.encode()).await.unwrap();
+            }
+            s
+        };
+        let both = async { tokio::join!(futures::future::join_all(reqs), server) };
+        let (outs, _s) = tokio::time::timeout(Duration::from_secs(20), both)
+            .await
+            .expect("every request answered");
+        for o in outs {
+            assert!(matches!(o, Outcome::Done(Ok(()))), "{o:?}");
         }
     }
 

@@ -43,6 +43,10 @@ const INPUT_BUF: usize = 64 << 10;
 const DIRECT_PAYLOAD: usize = 32 << 10;
 /// Passes of the task loop before it yields to the runtime's other tasks.
 const ROUNDS: usize = 64;
+/// Requests at least this large run as tasks of their own: their data copies (a memory
+/// member's memcpy, a large RMW) then proceed on another core while this task moves
+/// other replies, and the cost of a spawn is small beside the copy.
+const SPAWN_LEN: u32 = 128 << 10;
 
 /// What the connection runs with, fixed at the end of negotiation.
 pub struct Session {
@@ -74,7 +78,7 @@ pub async fn run(
     mut stop: watch::Receiver<bool>,
     mut force: watch::Receiver<bool>,
 ) -> io::Result<()> {
-    let mut conn = Conn::new(s, r, w, pending, execute);
+    let mut conn = Conn::new(s, r, w, pending, start);
     let mut stop = std::pin::pin!(flagged(&mut stop));
     let mut force = std::pin::pin!(flagged(&mut force));
     std::future::poll_fn(|cx| {
@@ -285,6 +289,9 @@ impl<F: Future<Output = Finished>> Conn<F> {
     fn poll_completions(&mut self, cx: &mut Context<'_>) -> bool {
         let (replies, held) = (&mut self.replies, &mut self.held);
         let (writing, structured) = (self.writing, self.structured);
+        // Requests started in this pass reach their members' queues; the plug then
+        // submits each member's share in one go.
+        let _plug = raidcore::plug::Plug::new();
         let n = self.in_flight.poll(cx, |f| {
             if writing {
                 replies.push(Reply::encode(f.handle, f.body, structured, f.token));
@@ -703,6 +710,28 @@ enum Step {
 }
 
 // ---- Executing one request ----------------------------------------------------------
+
+/// Run one validated request: large ones in a task of their own (see [`SPAWN_LEN`]), the
+/// rest right here in the connection's task.
+async fn start(array: ArrayRef, q: Request, buf: Option<FrontBuf>, token: Token) -> Finished {
+    if q.len < SPAWN_LEN {
+        return execute(array, q, buf, token).await;
+    }
+    let handle = q.handle;
+    match tokio::spawn(execute(array, q, buf, token)).await {
+        Ok(f) => f,
+        // A panic in the request's task: an error for this request only.
+        Err(e) => Finished {
+            handle,
+            body: Refusal {
+                error: wire::NBD_EIO,
+                msg: format!("request failed: {e}"),
+            }
+            .into_body(),
+            token,
+        },
+    }
+}
 
 /// Run one validated request to completion.
 async fn execute(array: ArrayRef, q: Request, buf: Option<FrontBuf>, token: Token) -> Finished {
