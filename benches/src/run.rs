@@ -182,21 +182,42 @@ fn bench_group(work: &[&(System, Vec<Job>)], env: &Env, plan: &Plan, out: &mut R
         }
     }
     for job in &JOBS {
-        for (sys, jobs, r) in &running {
-            if jobs.contains(job) {
-                let outcome = measure(sys, r, job, plan).map_err(|e| format!("{e:#}"));
-                log_sample(sys, job, &outcome);
-                out.samples.push(Sample {
-                    system: *sys,
-                    job: *job,
-                    outcome,
-                });
+        let runs_it: Vec<_> = running
+            .iter()
+            .filter(|(_, jobs, _)| jobs.contains(job))
+            .collect();
+        let rounds = runs_it.iter().map(|(s, ..)| s.rounds).max().unwrap_or(1);
+        let mut got: Vec<Vec<Result<Figures, String>>> = vec![Vec::new(); runs_it.len()];
+        for _ in 0..rounds {
+            for ((sys, _, r), got) in runs_it.iter().zip(&mut got) {
+                if got.len() < sys.rounds as usize {
+                    let outcome = measure(sys, r, job, plan).map_err(|e| format!("{e:#}"));
+                    log_sample(sys, job, &outcome);
+                    got.push(outcome);
+                }
             }
+        }
+        for ((sys, ..), got) in runs_it.iter().zip(got) {
+            out.samples.push(Sample {
+                system: *sys,
+                job: *job,
+                outcome: median(got, job),
+            });
         }
     }
     for (sys, _, r) in running {
         out.systems.push(finish(sys, r));
     }
+}
+
+/// The run with the median main figure (the first failure, if any run failed).
+fn median(mut runs: Vec<Result<Figures, String>>, job: &Job) -> Result<Figures, String> {
+    if let Some(i) = runs.iter().position(|r| r.is_err()) {
+        return runs.swap_remove(i);
+    }
+    let mut ok: Vec<Figures> = runs.into_iter().map(|r| r.expect("no failures")).collect();
+    ok.sort_by(|a, b| a.m.main(job).total_cmp(&b.m.main(job)));
+    Ok(ok[ok.len() / 2])
 }
 
 /// Records a system that did not start: each of its jobs fails with the reason.
@@ -315,5 +336,38 @@ impl MemberFiles {
                 .with_context(|| format!("prefill {}", p.display()))?;
         }
         Ok(Self { paths, _tmp: tmp })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn figures(iops: f64) -> Figures {
+        Figures {
+            m: Measured {
+                iops,
+                bytes_per_sec: iops * 4096.0,
+                clat_mean_us: iops / 1000.0,
+                clat_p99_us: 0.0,
+                ios: 1,
+            },
+            cpu_s: Some(iops),
+        }
+    }
+
+    #[test]
+    fn rounds_report_the_median_run_whole_or_a_failure() {
+        let job = JOBS
+            .iter()
+            .find(|j| j.name == "randwrite-4k-qd32x2")
+            .unwrap();
+        let runs = vec![Ok(figures(90.0)), Ok(figures(70.0)), Ok(figures(110.0))];
+        let m = median(runs, job).unwrap();
+        assert_eq!(m.m.iops, 90.0);
+        assert_eq!(m.cpu_s, Some(90.0), "the median run's own CPU figure");
+        assert_eq!(median(vec![Ok(figures(5.0))], job).unwrap().m.iops, 5.0);
+        let failed = vec![Ok(figures(1.0)), Err("fio failed".to_string())];
+        assert_eq!(median(failed, job).unwrap_err(), "fio failed");
     }
 }
