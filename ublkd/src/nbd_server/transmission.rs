@@ -410,7 +410,18 @@ impl<F: Future<Output = Finished>> Conn<F> {
 
     /// Read more input; the state stays as it was (Header).
     fn fill(&mut self, cx: &mut Context<'_>) -> Step {
-        match self.input.poll_fill(&mut self.r, cx) {
+        let r = self.input.poll_fill(&mut self.r, cx);
+        self.after_read(r, false)
+    }
+
+    /// What a read from the socket means for the stream: end of stream ends reading (an
+    /// error when it cuts a request short), an error ends it with that error.
+    fn after_read(&mut self, r: Poll<io::Result<usize>>, mid_request: bool) -> Step {
+        match r {
+            Poll::Ready(Ok(0)) if mid_request => {
+                self.end_of_stream(Err(io::ErrorKind::UnexpectedEof.into()));
+                Step::Moved
+            }
             Poll::Ready(Ok(0)) => {
                 self.end_of_stream(Ok(0));
                 Step::Moved
@@ -562,18 +573,7 @@ impl<F: Future<Output = Finished>> Conn<F> {
             buf,
             filled,
         };
-        match read {
-            Poll::Ready(Ok(0)) => {
-                self.end_of_stream(Err(io::ErrorKind::UnexpectedEof.into()));
-                Step::Moved
-            }
-            Poll::Ready(Ok(_)) => Step::Moved,
-            Poll::Ready(Err(e)) => {
-                self.end_of_stream(Err(e));
-                Step::Moved
-            }
-            Poll::Pending => Step::Blocked,
-        }
+        self.after_read(read, true)
     }
 
     /// Refuse a WRITE after reading past its payload, or disconnect if it is too long.
@@ -615,18 +615,7 @@ impl<F: Future<Output = Finished>> Conn<F> {
             refusal,
             left,
         };
-        match filled {
-            Poll::Ready(Ok(0)) => {
-                self.end_of_stream(Err(io::ErrorKind::UnexpectedEof.into()));
-                Step::Moved
-            }
-            Poll::Ready(Ok(_)) => Step::Moved,
-            Poll::Ready(Err(e)) => {
-                self.end_of_stream(Err(e));
-                Step::Moved
-            }
-            Poll::Pending => Step::Blocked,
-        }
+        self.after_read(filled, true)
     }
 
     fn launch(&mut self, q: Request, buf: Option<FrontBuf>, token: Token) {
