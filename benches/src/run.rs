@@ -30,7 +30,8 @@ pub struct Plan {
 impl Plan {
     /// 54 jobs of about 1.7 s each (each fio run also spends ~0.3 s starting and
     /// stopping, two runs per job), and the remote group's 5 (its two rate-capped ones
-    /// measure for 5 s): the whole run, setup included, in about two and a half minutes.
+    /// measure for 5 s, its raid1 pair three rounds each): the whole run, setup
+    /// included, in about two and a half minutes.
     pub fn quick() -> Self {
         Self {
             quick: true,
@@ -40,7 +41,7 @@ impl Plan {
         }
     }
 
-    /// 54 jobs of about 10.5 s: about 10-11 minutes in all.
+    /// 54 jobs of about 10.5 s, and the remote group's: about 12-13 minutes in all.
     pub fn full() -> Self {
         Self {
             quick: false,
