@@ -156,6 +156,28 @@ struct Tx {
     cmd_sn: u32,
 }
 
+/// The plug's doorbell: commands queued under the plug go out in one write; what the
+/// socket does not take at once, a task writes.
+impl raidcore::plug::Doorbell for Session {
+    fn ring(self: Arc<Self>) {
+        if self.flush_now() {
+            return;
+        }
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(async move {
+                    // A failed write has killed the session: its commands end Lost.
+                    let _ = self.flush().await;
+                });
+            }
+            Err(_) => {
+                self.lock_tx().flushing = false;
+                self.kill("no runtime to finish sending on");
+            }
+        }
+    }
+}
+
 /// A logged-in connection.
 pub struct Session {
     peer: Peer,
@@ -413,6 +435,15 @@ impl Session {
                 }
             };
             match lead {
+                // Under a plug, the queue is written once the plug goes (Doorbell below).
+                Some(true)
+                    if self
+                        .me
+                        .upgrade()
+                        .is_some_and(|me| raidcore::plug::defer(&me)) =>
+                {
+                    return Ok(())
+                }
                 Some(true) => return Ok(self.flush().await?),
                 Some(false) => return Ok(()),
                 None => self.wait_window(deadline).await?,
@@ -467,6 +498,47 @@ impl Session {
             if let Err(e) = r {
                 self.lock_tx().flushing = false;
                 return Err(e);
+            }
+        }
+    }
+
+    /// As the flusher (a command deferred under a plug): write the queue without
+    /// waiting. False when the socket (or the writer lock) is busy: the flusher role is
+    /// still held, for `flush` to finish the job.
+    fn flush_now(&self) -> bool {
+        let Ok(w) = self.writer.try_lock() else {
+            return false;
+        };
+        loop {
+            let local = {
+                let mut tx = self.lock_tx();
+                if tx.buf.is_empty() {
+                    tx.flushing = false;
+                    return true;
+                }
+                std::mem::take(&mut tx.buf)
+            };
+            let written = match w.w.try_write(&local) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
+                Err(e) => {
+                    self.lock_tx().flushing = false;
+                    self.kill(&format!("cannot send to the target: {e}"));
+                    return true;
+                }
+            };
+            let mut tx = self.lock_tx();
+            if written < local.len() {
+                // Back in front of whatever was queued since, in CmdSN order.
+                let mut rest = local[written..].to_vec();
+                rest.extend_from_slice(&tx.buf);
+                tx.buf = rest;
+                return false;
+            }
+            if tx.buf.is_empty() && tx.buf.capacity() < local.capacity() {
+                let mut local = local;
+                local.clear();
+                tx.buf = local;
             }
         }
     }
