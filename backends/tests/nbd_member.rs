@@ -199,6 +199,68 @@ fn image(tmp: &Tmp, size: u64) -> std::path::PathBuf {
     p
 }
 
+/// Requests started together under a plug (one batch of the NBD server) go to one
+/// connection, in one write; a batch started while another is in flight goes to the
+/// other connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugged_batch_stays_on_one_connection_and_batches_alternate() {
+    if !fixtures::require("nbdkit") {
+        return;
+    }
+    let server = Nbdkit::memory(64 * MIB).start().unwrap();
+    bounded(60, async {
+        let m = open(&server.uri()).await;
+        assert_eq!(m.status().connected, 2, "{:?}", m.status());
+        let mut data: Vec<Vec<u8>> = (0..64u64)
+            .map(|i| pattern(i / 16, i * 4096, 4096))
+            .collect();
+        let mut writes: Vec<_> = data
+            .iter_mut()
+            .enumerate()
+            .map(|(i, d)| {
+                let at = i as u64 * 4096;
+                m.submit(io(&m, Op::Write, at, 4096, false, IoBuf::from_slice(d)))
+            })
+            .collect();
+        let waker = futures::task::noop_waker();
+        let mut cx = std::task::Context::from_waker(&waker);
+        let mut seen = m.status().requests_per_connection;
+        let mut used = Vec::new();
+        // Four batches of 16, each started before the previous ones are answered.
+        for (batch, ws) in writes.chunks_mut(16).enumerate() {
+            {
+                let _plug = raidcore::plug::Plug::new();
+                for w in ws {
+                    let _ = w.as_mut().poll(&mut cx);
+                }
+            }
+            let now = m.status().requests_per_connection;
+            let grew: Vec<u64> = now.iter().zip(&seen).map(|(a, b)| a - b).collect();
+            let on = grew.iter().position(|&g| g == 16);
+            assert!(
+                on.is_some() && grew.iter().sum::<u64>() == 16,
+                "batch {batch}: one connection carries it all: {grew:?}"
+            );
+            used.push(on.unwrap());
+            seen = now;
+        }
+        assert_eq!(
+            used,
+            [0, 1, 0, 1].map(|c| (c + used[0]) % 2),
+            "batches alternate"
+        );
+        for r in futures::future::join_all(writes).await {
+            r.unwrap();
+        }
+        for i in 0..64u64 {
+            let back = read(&m, i * 4096, 4096).await.unwrap();
+            verify_pattern(i / 16, i * 4096, &back).unwrap();
+        }
+        m.close();
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nbdkit_memory_member_does_everything_over_several_connections() {
     if !fixtures::require("nbdkit") {

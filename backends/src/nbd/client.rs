@@ -963,6 +963,12 @@ impl Conn {
         self.dead.load(Ordering::Acquire)
     }
 
+    /// A writer holds the socket (or a batch waits for a plug to go): a request queued
+    /// now goes out in that same write.
+    pub fn is_writing(&self) -> bool {
+        self.out().busy
+    }
+
     /// Requests waiting for a reply now.
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Relaxed)

@@ -34,6 +34,9 @@ use super::wire;
 const MAX_NO_DATA_REQUEST: u64 = 1 << 30;
 /// The first reconnect waits this long; each failure doubles it up to the maximum.
 const BACKOFF_START: Duration = Duration::from_millis(50);
+/// A connection with this many requests in flight takes no more joiners: deep queues
+/// spread over the connections.
+const JOIN_MAX: usize = 128;
 
 /// Tunables of an NBD member.
 #[derive(Debug, Clone, Copy)]
@@ -469,13 +472,26 @@ impl Shared {
         }
     }
 
+    /// The connection a request joins: one whose writer is about to send (a batch
+    /// forming under a plug, or a write in progress), so a batch of requests costs one
+    /// write and one wake-up of the server and of our reader; else the least loaded.
+    /// Batches thus alternate between connections.
     fn least_loaded(&self) -> Option<Arc<Conn>> {
         let n = self.slots.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
-        (0..n)
-            .filter_map(|k| self.slots[(start + k) % n].get())
-            .filter(|c| !c.is_dead())
-            .min_by_key(|c| c.in_flight())
+        let mut best: Option<Arc<Conn>> = None;
+        for c in (0..n).filter_map(|k| self.slots[(start + k) % n].get()) {
+            if c.is_dead() {
+                continue;
+            }
+            if c.in_flight() < JOIN_MAX && c.is_writing() {
+                return Some(c);
+            }
+            if best.as_ref().is_none_or(|b| c.in_flight() < b.in_flight()) {
+                best = Some(c);
+            }
+        }
+        best
     }
 
     /// One request to completion: re-sent on another connection when its connection
