@@ -625,6 +625,10 @@ impl Engine {
             if self.reqs[i].as_ref().is_some_and(|a| a.deadline <= now) {
                 let e = self.deadline_error(i);
                 self.fail(i, e);
+                // Unanswered to the end: keep asking for the target (Query Config) until
+                // it answers, even once no request is left to send (its member is faulty,
+                // and a stray late reply may have cleared an earlier "lost").
+                self.seems_lost(now);
             }
         }
         for slot in 0..self.used {
