@@ -61,12 +61,7 @@ async fn apply(a: &Array, m: &mut Model, cmd: &Cmd) {
         Cmd::Write { off, len, seed } => {
             let mut b = a.buffer(off, len).await.unwrap();
             b.data_mut().copy_from_slice(&data(seed, off, len));
-            let io = FrontIo {
-                op: Op::Write,
-                offset: off,
-                len,
-                flags: Flags::default(),
-            };
+            let io = FrontIo::new(Op::Write, off, len);
             a.submit(io, Some(&mut b)).await.unwrap();
             for (i, v) in data(seed, off, len).into_iter().enumerate() {
                 m.0[off as usize + i] = Some(v);
@@ -74,12 +69,7 @@ async fn apply(a: &Array, m: &mut Model, cmd: &Cmd) {
         }
         Cmd::Read { off, len } => {
             let mut b = a.buffer(off, len).await.unwrap();
-            let io = FrontIo {
-                op: Op::Read,
-                offset: off,
-                len,
-                flags: Flags::default(),
-            };
+            let io = FrontIo::new(Op::Read, off, len);
             a.submit(io, Some(&mut b)).await.unwrap();
             for (i, got) in b.data().iter().enumerate() {
                 if let Some(want) = m.0[off as usize + i] {
@@ -93,12 +83,7 @@ async fn apply(a: &Array, m: &mut Model, cmd: &Cmd) {
             }
         }
         Cmd::Trim { off, len } => {
-            let io = FrontIo {
-                op: Op::Trim,
-                offset: off,
-                len,
-                flags: Flags::default(),
-            };
+            let io = FrontIo::new(Op::Trim, off, len);
             a.submit(io, None).await.unwrap();
             // Only whole blocks are discarded; their content is unspecified afterwards.
             let bs = a.block_size() as u64;
@@ -128,12 +113,7 @@ async fn apply(a: &Array, m: &mut Model, cmd: &Cmd) {
             }
         }
         Cmd::Flush => {
-            let io = FrontIo {
-                op: Op::Flush,
-                offset: 0,
-                len: 0,
-                flags: Flags::default(),
-            };
+            let io = FrontIo::new(Op::Flush, 0, 0);
             a.submit(io, None).await.unwrap();
         }
     }
@@ -242,12 +222,7 @@ fn concurrent_unaligned_writes_to_one_block_all_survive() {
                 let (off, len) = (i * 100, 100);
                 let mut b = a.buffer(off, len).await.unwrap();
                 b.data_mut().fill(i as u8 + 1);
-                let io = FrontIo {
-                    op: Op::Write,
-                    offset: off,
-                    len,
-                    flags: Flags::default(),
-                };
+                let io = FrontIo::new(Op::Write, off, len);
                 a.submit(io, Some(&mut b)).await.unwrap();
             }));
         }
@@ -255,12 +230,7 @@ fn concurrent_unaligned_writes_to_one_block_all_survive() {
             t.await.unwrap();
         }
         let mut b = a.buffer(0, 6400).await.unwrap();
-        let io = FrontIo {
-            op: Op::Read,
-            offset: 0,
-            len: 6400,
-            flags: Flags::default(),
-        };
+        let io = FrontIo::new(Op::Read, 0, 6400);
         a.submit(io, Some(&mut b)).await.unwrap();
         for i in 0..64usize {
             assert!(
@@ -306,12 +276,7 @@ fn unaligned_writes_holding_every_pool_buffer_still_complete() {
         let writes = held.into_iter().map(|(off, len, mut b)| {
             let a = a.clone();
             async move {
-                let io = FrontIo {
-                    op: Op::Write,
-                    offset: off,
-                    len,
-                    flags: Flags::default(),
-                };
+                let io = FrontIo::new(Op::Write, off, len);
                 a.submit(io, Some(&mut b)).await.unwrap();
             }
         });
@@ -324,12 +289,7 @@ fn unaligned_writes_holding_every_pool_buffer_still_complete() {
         for i in 0..BUFFERS as u64 {
             let (off, len) = (i * 4096 + 100, 300);
             let mut b = a.buffer(off, len).await.unwrap();
-            let io = FrontIo {
-                op: Op::Read,
-                offset: off,
-                len,
-                flags: Flags::default(),
-            };
+            let io = FrontIo::new(Op::Read, off, len);
             a.submit(io, Some(&mut b)).await.unwrap();
             assert!(b.data().iter().all(|&x| x == i as u8 + 1), "write {i} lost");
         }
@@ -341,19 +301,9 @@ fn out_of_range_and_oversized_requests_are_refused() {
     runtime().block_on(async {
         let a = mem_array(LevelKind::Raid0, &[4, 4], 65536).await;
         let size = a.size();
-        let io = FrontIo {
-            op: Op::Trim,
-            offset: size - 512,
-            len: 1024,
-            flags: Flags::default(),
-        };
+        let io = FrontIo::new(Op::Trim, size - 512, 1024);
         assert_eq!(a.submit(io, None).await.unwrap_err().errno(), libc_einval());
-        let io = FrontIo {
-            op: Op::Trim,
-            offset: u64::MAX - 10,
-            len: 100,
-            flags: Flags::default(),
-        };
+        let io = FrontIo::new(Op::Trim, u64::MAX - 10, 100);
         assert!(
             a.submit(io, None).await.is_err(),
             "offset+len overflow is caught"
@@ -376,12 +326,7 @@ fn in_place_io_matches_the_buffered_path_and_refuses_unaligned() {
         let at = page.as_ptr().align_offset(4096);
         let buf = &mut page[at..at + (256 << 10)];
         buf.copy_from_slice(&data(7, 61440, 256 << 10));
-        let io = |op, offset, len| FrontIo {
-            op,
-            offset,
-            len,
-            flags: Flags::default(),
-        };
+        let io = |op, offset, len| FrontIo::new(op, offset, len);
         let w = raidcore::IoBuf::from_slice(buf);
         a.submit_in_place(io(Op::Write, 61440, 256 << 10), w)
             .await

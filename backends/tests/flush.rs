@@ -109,12 +109,7 @@ async fn write(a: &Array, off: u64, len: u64, fua: bool) {
 }
 
 async fn front_flush(a: &Array) {
-    let io = FrontIo {
-        op: Op::Flush,
-        offset: 0,
-        len: 0,
-        flags: Flags::default(),
-    };
+    let io = FrontIo::new(Op::Flush, 0, 0);
     a.submit(io, None).await.unwrap();
 }
 

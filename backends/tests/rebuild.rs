@@ -5,8 +5,8 @@ use std::sync::Arc;
 
 use backends::mem::MemMember;
 use raidcore::{
-    assemble, Array, ArraySpec, BufPool, Flags, FrontIo, LevelKind, Member, MemberState, Op,
-    PoolConfig, RebuildError,
+    assemble, Array, ArraySpec, BufPool, FrontIo, LevelKind, Member, MemberState, Op, PoolConfig,
+    RebuildError,
 };
 
 const MIB: u64 = 1 << 20;
@@ -35,23 +35,13 @@ fn fill(seed: u8, off: u64, len: u64) -> Vec<u8> {
 async fn write(a: &Array, off: u64, data: &[u8]) {
     let mut b = a.buffer(off, data.len() as u64).await.unwrap();
     b.data_mut().copy_from_slice(data);
-    let io = FrontIo {
-        op: Op::Write,
-        offset: off,
-        len: data.len() as u64,
-        flags: Flags::default(),
-    };
+    let io = FrontIo::new(Op::Write, off, data.len() as u64);
     a.submit(io, Some(&mut b)).await.unwrap();
 }
 
 async fn read(a: &Array, off: u64, len: u64) -> Vec<u8> {
     let mut b = a.buffer(off, len).await.unwrap();
-    let io = FrontIo {
-        op: Op::Read,
-        offset: off,
-        len,
-        flags: Flags::default(),
-    };
+    let io = FrontIo::new(Op::Read, off, len);
     a.submit(io, Some(&mut b)).await.unwrap();
     b.data().to_vec()
 }

@@ -39,6 +39,18 @@ pub struct FrontIo {
     pub flags: Flags,
 }
 
+impl FrontIo {
+    /// A request without FUA, NO_HOLE or FAST_ZERO.
+    pub fn new(op: Op, offset: u64, len: u64) -> Self {
+        FrontIo {
+            op,
+            offset,
+            len,
+            flags: Flags::default(),
+        }
+    }
+}
+
 /// Local members are on this machine; remote ones across a network. Scheduling and
 /// metrics treat the two classes apart.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
