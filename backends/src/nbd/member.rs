@@ -454,9 +454,17 @@ impl Shared {
         }
     }
 
-    /// The least-loaded live connection (ties broken round-robin), waiting for one to
-    /// come up until `deadline`. None: closed or no connection in time.
+    /// The connection for a request (see `least_loaded`), waiting for one to come up
+    /// until `deadline`. None: closed or no connection in time.
     async fn pick(&self, deadline: Instant) -> Option<Arc<Conn>> {
+        // The common case, with no watch subscription per request.
+        if !self.is_closed() {
+            if let Some(c) = self.least_loaded() {
+                return Some(c);
+            }
+        }
+        // Subscribed before the loop looks again, so a connection that comes up between
+        // that look and the wait is not missed.
         let mut changed = self.changed.subscribe();
         loop {
             if self.is_closed() {
