@@ -561,9 +561,26 @@ fn nbdkit(plugin: &str, t: Transport) -> Result<(Server, Target)> {
 /// tgtd on 127.0.0.1 serving `file` as LUN 1 of [`BENCH_IQN`] (512-byte blocks,
 /// through the page cache as tgtd's default backing store does).
 fn tgtd_over(file: &Path) -> Result<Tgtd> {
+    warm_page_cache(file)?;
     let mut t = Tgtd::start().context("starting tgtd")?;
     t.add_target(1, BENCH_IQN, &[LunSpec::file(file, 512)])?;
     Ok(t)
+}
+
+/// Reads all of `file` through the page cache. The member files are written with
+/// O_DIRECT, so without this tgtd's buffered reads would come from the disk for
+/// whichever system runs first and from memory for the one after it: the iSCSI group
+/// would measure the disk and the order, not the initiators.
+fn warm_page_cache(file: &Path) -> Result<()> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
+    let mut buf = vec![0u8; 1 << 20];
+    while f
+        .read(&mut buf)
+        .with_context(|| format!("reading {}", file.display()))?
+        > 0
+    {}
+    Ok(())
 }
 
 fn qemu_nbd(file: &Path) -> Result<(Server, Target)> {
