@@ -354,3 +354,56 @@ fn in_place_io_matches_the_buffered_path_and_refuses_unaligned() {
             .is_err());
     });
 }
+
+/// Memory members lend their own bytes for whole-block requests that land on one copy
+/// (linear, raid0 inside a chunk), so a frontend reads and writes them with no copy; every
+/// other request gets a pool buffer. Data goes both ways between the two kinds of buffer.
+#[test]
+fn mem_members_lend_their_bytes_for_single_copy_whole_block_requests() {
+    async fn lent(a: &Array, off: u64, len: u64) -> bool {
+        a.buffer(off, len).await.unwrap().is_lent()
+    }
+    runtime().block_on(async {
+        let linear = mem_array(LevelKind::Linear, &[4, 4], 65536).await;
+        assert!(lent(&linear, 4096, 1 << 20).await, "aligned linear request");
+        assert!(!lent(&linear, 100, 300).await, "unaligned request");
+        let first_end = linear.level().member_span(0);
+        assert!(
+            !lent(&linear, first_end - 4096, 8192).await,
+            "a request across two members"
+        );
+        assert!(lent(&linear, first_end, 8192).await, "the second member");
+        let raid0 = mem_array(LevelKind::Raid0, &[4, 4], 65536).await;
+        assert!(lent(&raid0, 65536, 65536).await, "one raid0 chunk");
+        assert!(!lent(&raid0, 61440, 8192).await, "across two chunks");
+        let raid1 = mem_array(LevelKind::Raid1, &[4, 4], 65536).await;
+        assert!(!lent(&raid1, 0, 4096).await, "a mirror writes every copy");
+
+        // Written through lent bytes, read back through a pool buffer, and back again.
+        let (off, len) = (8192u64, 256u64 << 10);
+        let mut b = linear.buffer(off, len).await.unwrap();
+        assert!(b.is_lent());
+        b.data_mut().copy_from_slice(&data(3, off, len));
+        let w = FrontIo::new(Op::Write, off, len);
+        linear.submit(w, Some(&mut b)).await.unwrap();
+        drop(b);
+        let mut p = linear.buffer(off - 100, len + 200).await.unwrap();
+        assert!(!p.is_lent());
+        let r = FrontIo::new(Op::Read, off - 100, len + 200);
+        linear.submit(r, Some(&mut p)).await.unwrap();
+        assert_eq!(&p.data()[100..100 + len as usize], &data(3, off, len)[..]);
+        p.data_mut().copy_from_slice(&data(9, off - 100, len + 200));
+        let w = FrontIo::new(Op::Write, off - 100, len + 200);
+        linear.submit(w, Some(&mut p)).await.unwrap();
+        let mut b = linear.buffer(off, len).await.unwrap();
+        assert!(b.is_lent());
+        linear
+            .submit(FrontIo::new(Op::Read, off, len), Some(&mut b))
+            .await
+            .unwrap();
+        assert_eq!(
+            b.data(),
+            &data(9, off - 100, len + 200)[100..100 + len as usize]
+        );
+    });
+}

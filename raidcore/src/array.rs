@@ -38,19 +38,53 @@ pub enum ArrayState {
 /// logical blocks, with the request's bytes at `data()`; the padding lets the array do
 /// read-modify-write in place, with no second buffer.
 pub struct FrontBuf {
-    buf: PoolBuf,
+    store: Store,
     pad: usize,
     len: usize,
 }
 
+/// Where a front buffer's bytes live.
+enum Store {
+    /// A pool buffer: the usual case.
+    Pool(PoolBuf),
+    /// The member's own bytes for the request's range (see [`Member::lend`]): the
+    /// frontend receives a write straight into the member and sends a read straight from
+    /// it. The Arc keeps the member, and so the memory, alive while the buffer exists.
+    Lent {
+        bytes: IoBuf,
+        _member: Arc<dyn Member>,
+    },
+}
+
 impl FrontBuf {
     pub fn data(&self) -> &[u8] {
-        &self.buf[self.pad..self.pad + self.len]
+        &self.whole()[self.pad..self.pad + self.len]
     }
 
     pub fn data_mut(&mut self) -> &mut [u8] {
         let (p, l) = (self.pad, self.len);
-        &mut self.buf[p..p + l]
+        &mut self.whole_mut()[p..p + l]
+    }
+
+    /// Whether the bytes are the member's own (no pool buffer, no copy).
+    pub fn is_lent(&self) -> bool {
+        matches!(self.store, Store::Lent { .. })
+    }
+
+    fn whole(&self) -> &[u8] {
+        match &self.store {
+            Store::Pool(b) => b,
+            // SAFETY: a lent range stays mapped while `_member` lives (Member::lend).
+            Store::Lent { bytes, .. } => unsafe { bytes.as_slice() },
+        }
+    }
+
+    fn whole_mut(&mut self) -> &mut [u8] {
+        match &mut self.store {
+            Store::Pool(b) => b,
+            // SAFETY: as in whole(); this buffer is the request's only handle on them.
+            Store::Lent { bytes, .. } => unsafe { bytes.as_mut_slice() },
+        }
     }
 }
 
@@ -77,6 +111,9 @@ pub struct Array {
     pub(crate) resync_gate: tokio::sync::RwLock<()>,
     /// One rebuild at a time per array.
     pub(crate) rebuilding: AtomicBool,
+    /// Every member lends its bytes (see [`Member::lend`]): requests that map to one copy
+    /// on one member may use them instead of a pool buffer.
+    lends: bool,
 }
 
 impl Array {
@@ -103,6 +140,13 @@ impl Array {
             .max()
             .unwrap_or(512)
             .max(512);
+        // A member that lends at all lends its first data block.
+        let lends = !members.is_empty()
+            && members.iter().all(|m| {
+                m.member()
+                    .lend(data_offset, u64::from(block_size))
+                    .is_some()
+            });
         let edge_pool = BufPool::new(&crate::buf_pool::PoolConfig {
             classes: vec![(crate::buf_pool::ALIGN, RMW_LOCKS)],
         })?;
@@ -121,6 +165,7 @@ impl Array {
             superblocks: AsyncMutex::new(superblocks),
             resync_gate: tokio::sync::RwLock::new(()),
             rebuilding: AtomicBool::new(false),
+            lends,
         })
     }
 
@@ -197,6 +242,9 @@ impl Array {
                 self.max_io()
             )));
         }
+        if let Some(b) = self.lent(offset, len) {
+            return Ok(b);
+        }
         let span = self.buffer_len(offset, len);
         let bs = self.block_size as u64;
         let start = offset / bs * bs;
@@ -206,7 +254,7 @@ impl Array {
             .await
             .ok_or_else(|| IoError::Invalid(format!("no buffer class holds {span} bytes")))?;
         Ok(FrontBuf {
-            buf,
+            store: Store::Pool(buf),
             pad: (offset - start) as usize,
             len: len as usize,
         })
@@ -221,6 +269,9 @@ impl Array {
                 self.max_io()
             ))));
         }
+        if let Some(b) = self.lent(offset, len) {
+            return Some(Ok(b));
+        }
         let span = self.buffer_len(offset, len);
         if self.pool.class_index(span).is_none() {
             return Some(Err(IoError::Invalid(format!(
@@ -230,10 +281,45 @@ impl Array {
         let buf = self.pool.try_get(span)?;
         let bs = self.block_size as u64;
         Some(Ok(FrontBuf {
-            buf,
+            store: Store::Pool(buf),
             pad: (offset % bs) as usize,
             len: len as usize,
         }))
+    }
+
+    /// The member's own bytes as the buffer of `[offset, offset+len)`, when the array's
+    /// members lend them and the request is whole blocks that map to one copy on one
+    /// healthy member (linear, raid0 within a chunk; never a mirror, whose every copy must
+    /// be written). Submitting with such a buffer hands the member its own bytes, which it
+    /// leaves in place; if the member was replaced meanwhile, the new one copies them like
+    /// any buffer.
+    fn lent(&self, offset: u64, len: u64) -> Option<FrontBuf> {
+        let bs = u64::from(self.block_size);
+        let whole = len > 0 && offset.is_multiple_of(bs) && len.is_multiple_of(bs);
+        if !self.lends || !whole || offset.checked_add(len)? > self.size() {
+            return None;
+        }
+        let pieces = self.map(offset, len);
+        let [piece] = pieces.as_slice() else {
+            return None;
+        };
+        let [c] = piece.copies.as_slice() else {
+            return None;
+        };
+        let slot = &self.members[c.member];
+        if !slot.is_healthy() {
+            return None;
+        }
+        let member = slot.member();
+        let bytes = member.lend(self.data_offset + c.offset, len)?;
+        Some(FrontBuf {
+            store: Store::Lent {
+                bytes,
+                _member: member,
+            },
+            pad: 0,
+            len: len as usize,
+        })
     }
 
     /// How many bytes `buffer(offset, len)` takes from the pool: the request widened to
@@ -333,7 +419,7 @@ impl Array {
         let bs = self.block_size as u64;
         let start = offset / bs * bs;
         let span = ((offset + buf.len as u64).div_ceil(bs) * bs - start) as usize;
-        let iobuf = IoBuf::from_slice(&mut buf.buf[..span]);
+        let iobuf = IoBuf::from_slice(&mut buf.whole_mut()[..span]);
         self.read_aligned(start, iobuf).await
     }
 
@@ -350,16 +436,17 @@ impl Array {
         let _locks = self.lock_edges(start, end, head, tail).await;
         if head {
             let blk = self.edge_block(start).await?;
-            buf.buf[..buf.pad].copy_from_slice(&blk[..buf.pad]);
+            let pad = buf.pad;
+            buf.whole_mut()[..pad].copy_from_slice(&blk[..pad]);
         }
         if tail {
             let last = end - bs;
             let blk = self.edge_block(last).await?;
             let from = (data_end - last) as usize;
             let at = (last - start) as usize;
-            buf.buf[at + from..span].copy_from_slice(&blk[from..bs as usize]);
+            buf.whole_mut()[at + from..span].copy_from_slice(&blk[from..bs as usize]);
         }
-        let iobuf = IoBuf::from_slice(&mut buf.buf[..span]);
+        let iobuf = IoBuf::from_slice(&mut buf.whole_mut()[..span]);
         self.write_aligned(start, iobuf, Op::Write, fua).await
     }
 

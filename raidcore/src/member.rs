@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use serde::Serialize;
 
 use crate::error::IoResult;
-use crate::io::{Class, MemberIo, Op, Proto};
+use crate::io::{Class, IoBuf, MemberIo, Op, Proto};
 
 /// A member I/O in flight. Boxed so the trait stays object safe; data buffers are never
 /// allocated per I/O (they come from the pool).
@@ -51,6 +51,19 @@ pub trait Member: Send + Sync + 'static {
 
     /// Release resources (flush is done by the core before this). Idempotent.
     fn close(&self) {}
+
+    /// For members whose storage is this process's own memory (`mem:`): the bytes of
+    /// `[offset, offset+len)` (whole blocks, inside `info().size`), lent to a frontend so
+    /// it receives a write straight into them or sends a read straight from them, with no
+    /// copy. The array then submits the read or write as usual with these very bytes as
+    /// its buffer, and `submit` must see that they are its own and leave them be. The
+    /// bytes must stay mapped while the member lives. What a frontend receives into a
+    /// lent range is visible to readers before the write completes, as on a disk being
+    /// written; overlapping requests in flight together have no defined outcome anyway.
+    /// None (the default): the member has no such bytes, requests get pool buffers.
+    fn lend(&self, _offset: u64, _len: u64) -> Option<IoBuf> {
+        None
+    }
 }
 
 /// The checks every remote member makes before an I/O goes on the wire, where a bad

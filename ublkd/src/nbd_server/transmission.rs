@@ -546,8 +546,9 @@ impl<F: Future<Output = Finished>> Conn<F> {
         self.input.consume(n);
         filled += n;
         if filled == want {
-            // A client vanishing before this leaves nothing written and nothing
-            // acknowledged: the buffer is dropped with the connection.
+            // A client vanishing before this leaves nothing acknowledged: the buffer
+            // is dropped with the connection (a buffer lent by a memory member keeps
+            // what arrived, as a disk keeps part of a write cut short).
             self.launch(q, Some(buf), token);
             return Step::Moved;
         }
