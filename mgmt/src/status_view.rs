@@ -102,7 +102,69 @@ pub fn render(st: &Status) -> String {
             if let Some(f) = &m.fault {
                 let _ = writeln!(s, "     fault: {f}");
             }
+            if let Some(session) = &m.session {
+                for line in session_lines(session, 96) {
+                    let _ = writeln!(s, "     {}: {line}", m.protocol);
+                }
+            }
         }
     }
     s
+}
+
+/// A member's session object as `key=value` pairs (unset ones left out), packed into
+/// lines of at most `width` characters.
+fn session_lines(session: &serde_json::Value, width: usize) -> Vec<String> {
+    let Some(fields) = session.as_object() else {
+        return vec![session.to_string()];
+    };
+    let mut lines = Vec::new();
+    let mut line = String::new();
+    for (k, v) in fields {
+        let v = match v {
+            serde_json::Value::Null => continue,
+            serde_json::Value::String(t) if t.contains(' ') => format!("{t:?}"),
+            serde_json::Value::String(t) => t.clone(),
+            other => other.to_string(),
+        };
+        let pair = format!("{k}={v}");
+        if !line.is_empty() && line.len() + 1 + pair.len() > width {
+            lines.push(std::mem::take(&mut line));
+        }
+        if !line.is_empty() {
+            line.push(' ');
+        }
+        line.push_str(&pair);
+    }
+    if !line.is_empty() {
+        lines.push(line);
+    }
+    lines
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn session_fields_pack_into_lines_without_unset_ones() {
+        let v = serde_json::json!({
+            "connected": true,
+            "target": "iqn.2026-12.test:a",
+            "alias": null,
+            "last_error": "connection reset by peer",
+            "requests_per_connection": [3, 4],
+        });
+        let lines = session_lines(&v, 40);
+        let all = lines.join("\n");
+        assert!(lines.iter().all(|l| l.len() <= 40), "{all}");
+        assert!(all.contains("connected=true"), "{all}");
+        assert!(all.contains("target=iqn.2026-12.test:a"), "{all}");
+        assert!(
+            all.contains("last_error=\"connection reset by peer\""),
+            "{all}"
+        );
+        assert!(all.contains("requests_per_connection=[3,4]"), "{all}");
+        assert!(!all.contains("alias"), "unset fields are left out: {all}");
+    }
 }

@@ -64,6 +64,13 @@ pub trait Member: Send + Sync + 'static {
     fn lend(&self, _offset: u64, _len: u64) -> Option<IoBuf> {
         None
     }
+
+    /// What the member's protocol knows of its connection, for `uniblk status`: session
+    /// state, negotiated parameters and protocol counters, as a JSON object. Never a
+    /// secret. None (the default) for members with nothing beyond the common counters.
+    fn session(&self) -> Option<serde_json::Value> {
+        None
+    }
 }
 
 /// The checks every remote member makes before an I/O goes on the wire, where a bad

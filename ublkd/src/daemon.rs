@@ -512,6 +512,7 @@ fn member_status(index: usize, m: &raidcore::MemberSlot) -> MemberStatus {
         last_probe_us: st.last_probe_us,
         probes_failed: st.probes_failed,
         rebuild,
+        session: member.session(),
     }
 }
 

@@ -109,6 +109,10 @@ pub struct MemberStatus {
     /// While rebuilding: bytes of array space copied so far, and the total.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rebuild: Option<RebuildStatus>,
+    /// Remote members: their protocol's view of the connection (iSCSI session and
+    /// negotiated parameters, NBD connections, AoE target and retransmissions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -261,6 +261,16 @@ fn raid1_of_a_local_file_and_aoe_verifies_and_vblades_file_mirrors_it() {
         "{st:#}"
     );
     assert_eq!(m["size"], MEMBER_SIZE, "{st:#}");
+    // The AoE engine's view: the target's MAC, the window vblade granted, at MTU 9000
+    // more than two sectors per frame, and the IDENTIFY already sent.
+    let s = &m["session"];
+    assert!(
+        s["mac"].as_str().is_some_and(|mac| mac.len() == 17),
+        "{st:#}"
+    );
+    assert!(s["window"].as_u64().unwrap() > 0, "{st:#}");
+    assert!(s["sectors_per_frame"].as_u64().unwrap() > 2, "{st:#}");
+    assert!(s["frames_sent"].as_u64().unwrap() > 0, "{st:#}");
     let files = [net.local.clone(), net.aoe_file.clone()];
     verify_round(&mut rig, Level::Raid1, MEMBER_DATA / 2, || {
         files.iter().map(|f| std::fs::read(f).unwrap()).collect()

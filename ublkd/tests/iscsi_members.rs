@@ -210,6 +210,19 @@ fn raid1_of_a_local_file_and_an_iscsi_lun_verifies_and_mirrors() {
     let m = &st["members"][1];
     assert_eq!(m["protocol"], "iscsi", "{m}");
     assert_eq!(m["locality"], "remote", "{m}");
+    // The session as the initiator sees it (what `uniblk status` prints under it).
+    let s = &m["session"];
+    assert_eq!(s["connected"], true, "{m}");
+    assert_eq!(s["target"], IQN, "{m}");
+    assert!(s["max_burst"].as_u64().unwrap() > 0, "{m}");
+    assert!(
+        s["commands"].as_u64().unwrap() > 0,
+        "login probes the LUN: {m}"
+    );
+    assert!(
+        st["members"][0].get("session").is_none(),
+        "a file member has no session: {st}"
+    );
     verify_round(
         &mut rig,
         true,

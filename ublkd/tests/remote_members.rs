@@ -840,6 +840,12 @@ fn status_shows_remote_locality_protocol_engine_and_probe_round_trip() {
         r["last_probe_us"].as_u64().unwrap() < 5_000_000,
         "a loopback probe took over 5 s: {st:#}"
     );
+    // The NBD client's own view: connections up, and what the server negotiated.
+    let s = &r["session"];
+    assert!(s["connected"].as_u64().unwrap() >= 1, "{st:#}");
+    assert_eq!(s["connected"], s["connections"], "{st:#}");
+    assert_eq!(s["structured_replies"], true, "nbdkit offers them: {st:#}");
+    assert!(l.get("session").is_none(), "a file has no session: {st:#}");
     assert_eq!(l["locality"], "local", "{st:#}");
     assert_eq!(l["protocol"], "file", "{st:#}");
     assert_eq!(

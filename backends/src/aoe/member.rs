@@ -147,6 +147,10 @@ impl Member for AoeMember {
         &self.info
     }
 
+    fn session(&self) -> Option<serde_json::Value> {
+        serde_json::to_value(self.status()).ok()
+    }
+
     fn submit(&self, io: MemberIo) -> IoFuture<'_> {
         Box::pin(self.perform(io))
     }

@@ -74,6 +74,9 @@ pub struct IscsiStatus {
     pub first_burst: u32,
     pub max_send_segment: u32,
     pub heartbeats: u64,
+    /// Commands sent on the current session, and those in flight on it now.
+    pub commands: u64,
+    pub in_flight: usize,
     pub last_error: Option<String>,
 }
 
@@ -180,6 +183,8 @@ impl IscsiMember {
             first_burst: neg.map_or(0, |n| n.first_burst),
             max_send_segment: neg.map_or(0, |n| n.max_send_segment),
             heartbeats: s.heartbeats.load(Ordering::Relaxed),
+            commands: cur.as_ref().map_or(0, |c| c.commands()),
+            in_flight: cur.as_ref().map_or(0, |c| c.in_flight()),
             last_error: s.last_error(),
         }
     }
@@ -312,6 +317,10 @@ impl IscsiMember {
 impl Member for IscsiMember {
     fn info(&self) -> &MemberInfo {
         &self.info
+    }
+
+    fn session(&self) -> Option<serde_json::Value> {
+        serde_json::to_value(self.status()).ok()
     }
 
     fn submit(&self, io: MemberIo) -> IoFuture<'_> {

@@ -303,6 +303,10 @@ impl Member for NbdMember {
         &self.info
     }
 
+    fn session(&self) -> Option<serde_json::Value> {
+        serde_json::to_value(self.status()).ok()
+    }
+
     fn submit(&self, io: MemberIo) -> IoFuture<'_> {
         Box::pin(self.perform(io))
     }
