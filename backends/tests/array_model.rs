@@ -405,5 +405,15 @@ fn mem_members_lend_their_bytes_for_single_copy_whole_block_requests() {
             b.data(),
             &data(9, off - 100, len + 200)[100..100 + len as usize]
         );
+
+        // A buffer is for the request it was taken for: a lent one submitted for another
+        // offset would read the member's bytes onto others. Refused, nothing moved.
+        let other = FrontIo::new(Op::Read, off + len, len);
+        let e = linear.submit(other, Some(&mut b)).await.unwrap_err();
+        assert!(e.to_string().contains("does not match"), "{e}");
+        let mut check = linear.buffer(off - 100, len + 200).await.unwrap();
+        let r = FrontIo::new(Op::Read, off - 100, len + 200);
+        linear.submit(r, Some(&mut check)).await.unwrap();
+        assert_eq!(check.data(), &data(9, off - 100, len + 200)[..]);
     });
 }

@@ -39,6 +39,9 @@ pub enum ArrayState {
 /// read-modify-write in place, with no second buffer.
 pub struct FrontBuf {
     store: Store,
+    /// The request's offset in the array: a lent buffer is the member's bytes for it, so
+    /// submitting the buffer for another offset would copy member bytes onto others.
+    offset: u64,
     pad: usize,
     len: usize,
 }
@@ -255,6 +258,7 @@ impl Array {
             .ok_or_else(|| IoError::Invalid(format!("no buffer class holds {span} bytes")))?;
         Ok(FrontBuf {
             store: Store::Pool(buf),
+            offset,
             pad: (offset - start) as usize,
             len: len as usize,
         })
@@ -282,6 +286,7 @@ impl Array {
         let bs = self.block_size as u64;
         Some(Ok(FrontBuf {
             store: Store::Pool(buf),
+            offset,
             pad: (offset % bs) as usize,
             len: len as usize,
         }))
@@ -317,6 +322,7 @@ impl Array {
                 bytes,
                 _member: member,
             },
+            offset,
             pad: 0,
             len: len as usize,
         })
@@ -348,8 +354,7 @@ impl Array {
             Op::Read | Op::Write => {
                 let buf =
                     buf.ok_or_else(|| IoError::Invalid("read/write without buffer".into()))?;
-                if buf.len as u64 != io.len || buf.pad as u64 != io.offset % self.block_size as u64
-                {
+                if buf.len as u64 != io.len || buf.offset != io.offset {
                     return Err(IoError::Invalid("buffer does not match the request".into()));
                 }
                 if io.op == Op::Read {
