@@ -1,5 +1,5 @@
 //! The PNG chart: per job, one bar per comparison (uniblk / peer of the main figure, and
-//! the explicit comparisons of `systems::COMPARISONS`), with the 1.0 line where the two
+//! the explicit comparisons of groups without uniblk, `systems::comparisons`), with the 1.0 line where the two
 //! sides are equal.
 
 use std::path::Path;
@@ -62,7 +62,11 @@ fn series(rows: &[Row], comparisons: &[ComparisonRow]) -> Vec<Series> {
             out[idx].ratios[j] = row.ratio;
         }
     }
-    for c in comparisons {
+    // Targets within a group that has uniblk repeat its uniblk / peer bars: left out.
+    for c in comparisons
+        .iter()
+        .filter(|c| !has_uniblk(c.comparison.group))
+    {
         let mut ratios = vec![None; JOBS.len()];
         if let Some(j) = JOBS.iter().position(|j| j.name == c.job.name) {
             ratios[j] = c.ratio;

@@ -5,7 +5,7 @@ use serde_json::{json, Value};
 use crate::jobs::{Job, JOBS};
 use crate::machine::RunInfo;
 use crate::run::{Figures, Results, Sample};
-use crate::systems::{Comparison, System, COMPARISONS, SYSTEMS};
+use crate::systems::{self, Comparison, Metric, System, SYSTEMS};
 
 /// One line of the table: a job on a system, and for a peer how uniblk compares to it.
 #[derive(Debug, Clone)]
@@ -185,16 +185,16 @@ pub fn text_table(rows: &[Row]) -> String {
     out
 }
 
-/// One explicit comparison (see [`COMPARISONS`]) as measured.
+/// One explicit comparison (see [`systems::comparisons`]) as measured.
 #[derive(Debug, Clone)]
 pub struct ComparisonRow {
     pub comparison: Comparison,
     pub job: Job,
-    /// The system's main figure.
+    /// The system's figure (main figure or CPU per I/O, as the metric says).
     pub value: Option<f64>,
-    /// The slowest baseline system and its main figure: the ratio's denominator.
+    /// The weakest baseline system and its figure: the ratio's other side.
     pub baseline: Option<(&'static str, f64)>,
-    /// value / baseline figure.
+    /// Above 1.0 the system does better than the weakest baseline.
     pub ratio: Option<f64>,
     /// Why there is no ratio.
     pub missing: Option<String>,
@@ -205,13 +205,29 @@ impl ComparisonRow {
     pub fn met(&self) -> Option<bool> {
         self.ratio.map(|r| r >= self.comparison.target)
     }
+
+    fn figure_text(&self, v: Option<f64>) -> String {
+        match (v, self.comparison.metric) {
+            (None, _) => "-".into(),
+            (Some(v), Metric::Main) => value_text(&self.job, v),
+            (Some(v), Metric::CpuPerIo) => format!("{} CPU/IO", micros(v)),
+        }
+    }
+}
+
+/// A sample's figure for `metric`.
+fn metric_figure(f: &Figures, job: &Job, metric: Metric) -> Option<f64> {
+    match metric {
+        Metric::Main => Some(f.m.main(job)),
+        Metric::CpuPerIo => f.cpu_per_io_us(),
+    }
 }
 
 /// The comparisons with at least one of their systems in this run (a `--filter` run may
 /// have none), each with its ratio, or why it has none.
 pub fn comparisons(r: &Results) -> Vec<ComparisonRow> {
     let mut out = Vec::new();
-    for c in &COMPARISONS {
+    for c in systems::comparisons() {
         let Some(job) = JOBS.iter().find(|j| j.name == c.job) else {
             continue;
         };
@@ -227,7 +243,8 @@ pub fn comparisons(r: &Results) -> Vec<ComparisonRow> {
             match sample(name) {
                 None => Err(format!("{name} was not run")),
                 Some(s) => match &s.outcome {
-                    Ok(f) => Ok(f.m.main(job)),
+                    Ok(f) => metric_figure(f, job, c.metric)
+                        .ok_or_else(|| format!("{name} has no CPU figure")),
                     Err(_) => Err(format!("{name} failed")),
                 },
             }
@@ -238,15 +255,22 @@ pub fn comparisons(r: &Results) -> Vec<ComparisonRow> {
             .iter()
             .map(|&n| figure(n).map(|v| (n, v)))
             .collect();
-        let baseline = baselines
-            .as_ref()
-            .ok()
-            .and_then(|b| b.iter().copied().min_by(|x, y| x.1.total_cmp(&y.1)));
+        // The weakest baseline: the slowest, or the one spending the most CPU per I/O.
+        let baseline = baselines.as_ref().ok().and_then(|b| {
+            let it = b.iter().copied();
+            match c.metric {
+                Metric::Main => it.min_by(|x, y| x.1.total_cmp(&y.1)),
+                Metric::CpuPerIo => it.max_by(|x, y| x.1.total_cmp(&y.1)),
+            }
+        });
         let ratio = value
             .as_ref()
             .ok()
             .zip(baseline)
-            .map(|(v, (_, b))| v / b)
+            .map(|(&v, (_, b))| match c.metric {
+                Metric::Main => v / b,
+                Metric::CpuPerIo => b / v,
+            })
             .filter(|x| x.is_finite());
         let missing = match (&value, &baselines) {
             (Err(e), _) | (_, Err(e)) => Some(e.clone()),
@@ -254,7 +278,7 @@ pub fn comparisons(r: &Results) -> Vec<ComparisonRow> {
             _ => None,
         };
         out.push(ComparisonRow {
-            comparison: *c,
+            comparison: c,
             job: *job,
             value: value.ok(),
             baseline,
@@ -270,7 +294,7 @@ const COMPARISON_HEADER: [&str; 8] = [
     "job",
     "system",
     "result",
-    "divided by (slowest)",
+    "against (weakest)",
     "result",
     "ratio",
     "target",
@@ -278,7 +302,7 @@ const COMPARISON_HEADER: [&str; 8] = [
 
 fn comparison_cells(row: &ComparisonRow) -> Vec<String> {
     let c = &row.comparison;
-    let fig = |v: Option<f64>| v.map_or("-".into(), |v| value_text(&row.job, v));
+    let fig = |v: Option<f64>| row.figure_text(v);
     vec![
         format!("{}: {}", c.group, c.label),
         c.job.to_string(),
@@ -314,8 +338,9 @@ pub fn comparison_table(rows: &[ComparisonRow]) -> String {
     let widths: Vec<usize> = (0..COMPARISON_HEADER.len())
         .map(|i| all.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
         .collect();
-    let mut out =
-        String::from("comparisons (ratio = system / slowest of the systems divided by):\n");
+    let mut out = String::from(
+        "targets (above 1.0 the system does better than the weakest it is set against):\n",
+    );
     for r in &all {
         let line: Vec<String> = r
             .iter()
@@ -333,8 +358,9 @@ fn comparisons_markdown(rows: &[ComparisonRow]) -> String {
         return String::new();
     }
     let mut out = String::from(
-        "\nComparisons: each ratio is the system's result over the slowest of the systems it \
-         is divided by, with the target the issue asks for.\n\n",
+        "\nTargets: each ratio is the system's result over the slowest of the systems it is \
+         set against (for CPU per I/O: theirs over the system's, so that above 1.0 the system \
+         spends less), with the target the issue asks for.\n\n",
     );
     out += &format!("| {} |\n", COMPARISON_HEADER.join(" | "));
     out += "|---|---|---|---:|---|---:|---:|---:|\n";
@@ -354,12 +380,19 @@ fn comparison_json(row: &ComparisonRow) -> Value {
         "group": c.group,
         "comparison": c.label,
         "job": c.job,
-        "unit": row.job.unit(),
+        "metric": match c.metric {
+            Metric::Main => "main",
+            Metric::CpuPerIo => "server_cpu_us_per_io",
+        },
+        "unit": match c.metric {
+            Metric::Main => row.job.unit(),
+            Metric::CpuPerIo => "us",
+        },
         "system": c.system,
         "value": row.value,
-        "divided_by": c.baseline,
-        "slowest": row.baseline.map(|b| b.0),
-        "slowest_value": row.baseline.map(|b| b.1),
+        "against": c.baseline,
+        "weakest": row.baseline.map(|b| b.0),
+        "weakest_value": row.baseline.map(|b| b.1),
         "ratio": row.ratio,
         "target": c.target,
         "met": row.met(),
@@ -578,6 +611,60 @@ mod tests {
         assert!(table.contains("none: capped-alone failed"), "{table}");
         // Groups with uniblk / peer ratios give none to the comparison-only group.
         assert!(rows(&r).iter().all(|row| row.ratio.is_none()));
+    }
+
+    #[test]
+    fn cpu_targets_divide_the_peers_cpu_per_io_by_uniblks() {
+        let q1 = "randread-4k-qd1";
+        // uniblk: 2 s over 100k I/Os = 20 us each; nbdkit: 2.5 s over 100k = 25 us.
+        let r = results(vec![
+            sample(
+                "mem-unix",
+                "uniblk",
+                q1,
+                Ok(figures(10_000.0, 0.0, 2.0, 100_000)),
+            ),
+            sample(
+                "mem-unix",
+                "nbdkit",
+                q1,
+                Ok(figures(20_000.0, 0.0, 2.5, 100_000)),
+            ),
+        ]);
+        let c = comparisons(&r);
+        let cpu: Vec<_> = c
+            .iter()
+            .filter(|c| c.comparison.metric == Metric::CpuPerIo)
+            .collect();
+        assert_eq!(cpu.len(), 1, "{c:?}");
+        assert!((cpu[0].ratio.unwrap() - 1.25).abs() < 1e-9, "{:?}", cpu[0]);
+        assert_eq!(cpu[0].met(), Some(true));
+        // Twice as fast but hungrier: the CPU target is missed.
+        let r = results(vec![
+            sample(
+                "mem-unix",
+                "uniblk",
+                q1,
+                Ok(figures(40_000.0, 0.0, 3.0, 100_000)),
+            ),
+            sample(
+                "mem-unix",
+                "nbdkit",
+                q1,
+                Ok(figures(20_000.0, 0.0, 2.5, 100_000)),
+            ),
+        ]);
+        let c = comparisons(&r);
+        let cpu = c
+            .iter()
+            .find(|c| c.comparison.metric == Metric::CpuPerIo)
+            .unwrap();
+        assert_eq!(cpu.met(), Some(false));
+        let table = comparison_table(&c);
+        assert!(
+            table.contains("30.0 us CPU/IO") && table.contains("MISSED"),
+            "{table}"
+        );
     }
 
     #[test]

@@ -31,10 +31,9 @@ pub struct Plan {
 }
 
 impl Plan {
-    /// 54 jobs of about 1.4 s each (each fio run also spends ~0.3 s starting and
-    /// stopping, two runs per job), and the remote group's 5 (its two rate-capped ones
-    /// measure for 3 s, its raid1 pair three rounds each): the whole run, setup
-    /// included, in under two minutes.
+    /// Every job once, about 1.4 s each (each fio run also spends ~0.3 s starting and
+    /// stopping, two runs per job; the remote group's two rate-capped ones measure for
+    /// 3 s): the whole run, setup included, in under two minutes.
     pub fn quick() -> Self {
         Self {
             quick: true,
@@ -57,6 +56,17 @@ impl Plan {
 }
 
 impl Plan {
+    /// Measured runs of each of `sys`'s jobs: one in a quick run (a check that everything
+    /// runs, whose sub-second figures a median would not make trustworthy), the system's
+    /// own count in a full one.
+    pub fn rounds(&self, sys: &System) -> u32 {
+        if self.quick {
+            1
+        } else {
+            sys.rounds
+        }
+    }
+
     pub fn mode(&self) -> &'static str {
         if self.quick {
             "quick"
@@ -190,11 +200,15 @@ fn bench_group(work: &[&(System, Vec<Job>)], env: &Env, plan: &Plan, out: &mut R
             .iter()
             .filter(|(_, jobs, _)| jobs.contains(job))
             .collect();
-        let rounds = runs_it.iter().map(|(s, ..)| s.rounds).max().unwrap_or(1);
+        let rounds = runs_it
+            .iter()
+            .map(|(s, ..)| plan.rounds(s))
+            .max()
+            .unwrap_or(1);
         let mut got: Vec<Vec<Result<Figures, String>>> = vec![Vec::new(); runs_it.len()];
         for _ in 0..rounds {
             for ((sys, _, r), got) in runs_it.iter().zip(&mut got) {
-                if got.len() < sys.rounds as usize {
+                if got.len() < plan.rounds(sys) as usize {
                     let outcome = measure(sys, r, job, plan).map_err(|e| format!("{e:#}"));
                     log_sample(sys, job, &outcome);
                     got.push(outcome);
