@@ -712,6 +712,84 @@ async fn stalled_target_times_out_then_recovers() {
     m.close();
 }
 
+/// A LUN whose reads take 1.5 s (tgtd over nbdfuse over nbdkit's delay filter) and a
+/// member that gives each command 1 s: the read times out and is aborted (ABORT TASK);
+/// tgtd finishes the read it already started, then answers the abort; the connection
+/// stays up: no reconnect (before ABORT TASK the connection was reset at the deadline), a
+/// write issued while the read is stuck and one issued after it both succeed, and the
+/// status counts the abort.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timed_out_command_is_aborted_and_the_connection_stays() {
+    if !fixtures::require_all(&["tgtd", "nbdkit", "nbdfuse"])
+        || !fixtures::require_root("nbdfuse")
+        || !fixtures::require_path(Path::new("/dev/fuse"), "FUSE")
+    {
+        return;
+    }
+    let slow = fixtures::Nbdkit::memory(16 * MIB)
+        .delay_filter(Duration::from_millis(1500), Duration::ZERO)
+        .start()
+        .unwrap();
+    let fuse = fixtures::NbdFuseLoop::attach(&slow.uri()).unwrap();
+    let mut tgtd = Tgtd::start().unwrap();
+    // O_DIRECT: tgtd's reads reach nbdkit, not the FUSE file's page cache.
+    tgtd.add_target(1, IQN, &[LunSpec::file(fuse.file(), 512).direct()])
+        .unwrap();
+    let mut o = options();
+    o.timeout = Duration::from_secs(1);
+    o.heartbeat = Duration::from_secs(3600);
+    let m = bounded(30, IscsiMember::open(&tgtd.url(IQN, 1), o))
+        .await
+        .unwrap();
+    let mut first = pattern(91, 0, 4096);
+    bounded(10, write(&m, 0, &mut first, false)).await.unwrap();
+    let start = std::time::Instant::now();
+    let mut during = pattern(92, MIB, 4096);
+    let (r, w) = bounded(10, async {
+        // A block never touched: not in the FUSE file's page cache, so read from nbdkit.
+        tokio::join!(read(&m, 8 * MIB, 4096), async {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            write(&m, MIB, &mut during, false).await
+        })
+    })
+    .await;
+    let took = start.elapsed();
+    match r {
+        // tgtd lets a read already in its backing store finish, then answers the abort:
+        // the late data is whole and correct, and returned.
+        Ok(data) => {
+            eprintln!("the target finished the read before the abort ({took:?})");
+            assert!(
+                data.iter().all(|&b| b == 0),
+                "the late read returned wrong data"
+            );
+        }
+        Err(e) => {
+            eprintln!("the read was aborted ({took:?}): {e}");
+            assert!(matches!(e, IoError::Timeout(_)), "{e}");
+            assert!(e.to_string().contains("READ(16)"), "{e}");
+        }
+    }
+    w.unwrap_or_else(|e| panic!("a write beside the stuck read failed: {e}"));
+    assert!(
+        took >= Duration::from_millis(950) && took < Duration::from_millis(2800),
+        "the timed-out read returned after {took:?} (1 s deadline, 1 s to abort)"
+    );
+    let st = m.status();
+    assert!(st.connected, "{st:?}");
+    assert_eq!((st.reconnects, st.aborts), (0, 1), "{st:?}");
+    let mut after = pattern(93, 2 * MIB, 4096);
+    bounded(10, write(&m, 2 * MIB, &mut after, false))
+        .await
+        .unwrap();
+    let st = m.status();
+    assert_eq!(st.reconnects, 0, "the abort cost the connection: {st:?}");
+    assert_eq!(st.in_flight, 0, "{st:?}");
+    m.close();
+    drop(tgtd);
+    fuse.detach().unwrap();
+}
+
 /// tgtd told to take unsolicited data (InitialR2T=No, a 128 KiB first burst, 64 KiB
 /// segments) and to queue only 4 commands (a narrow CmdSN window): writes of every size
 /// mix immediate data, unsolicited Data-Out and R2T-driven bursts, 32 tasks wait for

@@ -77,6 +77,9 @@ pub struct IscsiStatus {
     /// Commands sent on the current session, and those in flight on it now.
     pub commands: u64,
     pub in_flight: usize,
+    /// Timed-out commands on the current session settled by ABORT TASK without a
+    /// reconnect (aborted, or finished by the target before the abort reached them).
+    pub aborts: u64,
     pub last_error: Option<String>,
 }
 
@@ -185,6 +188,7 @@ impl IscsiMember {
             heartbeats: s.heartbeats.load(Ordering::Relaxed),
             commands: cur.as_ref().map_or(0, |c| c.commands()),
             in_flight: cur.as_ref().map_or(0, |c| c.in_flight()),
+            aborts: cur.as_ref().map_or(0, |c| c.aborts()),
             last_error: s.last_error(),
         }
     }

@@ -18,6 +18,7 @@ pub const RESERVED_TAG: u32 = 0xffff_ffff;
 // Initiator opcodes.
 pub const OP_NOP_OUT: u8 = 0x00;
 pub const OP_SCSI_CMD: u8 = 0x01;
+pub const OP_TMF_REQ: u8 = 0x02;
 pub const OP_LOGIN_REQ: u8 = 0x03;
 pub const OP_TEXT_REQ: u8 = 0x04;
 pub const OP_DATA_OUT: u8 = 0x05;
@@ -61,6 +62,7 @@ pub fn opcode_name(op: u8) -> &'static str {
         OP_LOGOUT_REQ => "Logout Request",
         OP_NOP_IN => "NOP-In",
         OP_SCSI_RSP => "SCSI Response",
+        OP_TMF_REQ => "Task Management Request",
         OP_TMF_RSP => "Task Management Response",
         OP_LOGIN_RSP => "Login Response",
         OP_TEXT_RSP => "Text Response",

@@ -51,6 +51,11 @@ impl Drop for EventTx {
 }
 
 impl EventRx {
+    /// The next event already queued, without waiting.
+    pub(super) fn try_recv(&mut self) -> Option<Event> {
+        self.0.with(|s| (!s.0.is_empty()).then(|| s.0.remove(0)))
+    }
+
     /// The next event in order; None once the sender is gone and nothing is left.
     pub(super) async fn recv(&mut self) -> Option<Event> {
         loop {

@@ -14,9 +14,15 @@
 //! (through a small read-ahead buffer for headers). The reader may write into a
 //! command's buffer for as long as the command is in the task table. A caller leaves
 //! [`Session::execute`] only once the reader completed its command (and so is done with
-//! the buffer) or the reader task has ended: a caller that gives up (deadline) first
-//! shuts the socket down and waits for the reader to end. That is why a timed-out
-//! command costs the connection (with ErrorRecoveryLevel 0 it would anyway).
+//! the buffer) or the reader task has ended.
+//!
+//! A command past its deadline is aborted (Task Management: ABORT TASK). The target
+//! answers only once it has sent everything it will send for the task, and the reader,
+//! handling that answer, drops the task from the table before it reads anything else:
+//! from then on nothing writes into the task's buffer, the caller returns, and the
+//! connection and every other command on it carry on. Only when the target does not
+//! answer the abort in time does the caller shut the socket down and wait for the reader
+//! to end (the connection is then lost, its other commands re-sent on a new one).
 
 use std::collections::HashMap;
 use std::io::IoSlice;
@@ -49,6 +55,16 @@ const INLINE_MAX: u32 = 16 << 10;
 
 /// How often deadlines of commands in flight are checked: how late a timeout may fire.
 const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// The longest a timed-out command waits for its ABORT TASK to be answered before the
+/// connection is reset instead; a command given less time than this to run waits only
+/// as long again (a member that times out quickly should fail over quickly).
+const ABORT_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Task Management function ABORT TASK, and the answers that mean the task is gone.
+const TMF_ABORT_TASK: u8 = 1;
+const TMF_FUNCTION_COMPLETE: u8 = 0;
+const TMF_NO_SUCH_TASK: u8 = 1;
 
 /// Why a command could not be sent.
 enum SendError {
@@ -127,10 +143,34 @@ enum Event {
 struct Pending {
     /// Checked by the sweeper (one timer per session, not one per command).
     deadline: Instant,
+    /// How long past the deadline an abort may take before the sweeper resets the
+    /// connection (zero for PDUs that are not aborted: pings, logouts, aborts).
+    grace: std::time::Duration,
+    /// Whether the sweeper has told the caller its deadline passed.
+    expired: bool,
     data_in: Option<IoBuf>,
     /// Data-In bytes received so far (in order: DataPDUInOrder=Yes).
     received: u64,
+    /// The CmdSN the command was sent with (what an ABORT TASK refers to).
+    cmd_sn: u32,
+    /// For an ABORT TASK request: the task tag it aborts.
+    aborts: Option<u32>,
     events: EventTx,
+}
+
+impl Pending {
+    fn new(deadline: Instant, data_in: Option<IoBuf>, events: EventTx) -> Self {
+        Pending {
+            deadline,
+            grace: std::time::Duration::ZERO,
+            expired: false,
+            data_in,
+            received: 0,
+            cmd_sn: 0,
+            aborts: None,
+            events,
+        }
+    }
 }
 
 /// Sequence numbers the reader learns from the target.
@@ -197,6 +237,9 @@ pub struct Session {
     /// Set once the reader task has ended and dropped every command.
     reader_done: watch::Sender<bool>,
     commands: AtomicU64,
+    /// Timed-out commands settled by ABORT TASK, the connection staying up: aborted, or
+    /// finished by the target before the abort reached them.
+    aborts: AtomicU64,
     me: Weak<Session>,
 }
 
@@ -229,6 +272,7 @@ impl Session {
             dead: watch::channel(None).0,
             reader_done: watch::channel(false).0,
             commands: AtomicU64::new(0),
+            aborts: AtomicU64::new(0),
         });
         tokio::spawn(s.clone().reader(BufReader::with_capacity(READ_AHEAD, r)));
         tokio::spawn(Session::sweep(Arc::downgrade(&s)));
@@ -252,6 +296,11 @@ impl Session {
     /// Commands sent since login.
     pub fn commands(&self) -> u64 {
         self.commands.load(Ordering::Relaxed)
+    }
+
+    /// Timed-out commands settled by ABORT TASK since login (the connection kept).
+    pub fn aborts(&self) -> u64 {
+        self.aborts.load(Ordering::Relaxed)
     }
 
     /// Wait until the reader has ended (the connection is gone and no buffer is in use).
@@ -288,27 +337,53 @@ impl Session {
     }
 
     /// Run one command until the target completes it, the connection dies or the
-    /// deadline passes. Never returns while the reader may still touch `cmd`'s buffers.
+    /// deadline passes (then the command is aborted). Never returns while the reader may
+    /// still touch `cmd`'s buffers.
     pub async fn execute(&self, cmd: &Command, deadline: Instant) -> Outcome {
-        let r = self.execute_inner(cmd, deadline).await;
-        if !matches!(r, Outcome::Done(_)) {
-            // Whatever went wrong, the reader must be finished with our buffer first.
-            if matches!(r, Outcome::TimedOut) {
-                self.kill(&format!(
-                    "{} got no answer in time",
-                    super::scsi::command_name(&cmd.cdb)
-                ));
-            } else {
-                self.kill("a command failed on this connection");
-            }
-            self.closed().await;
+        let itt = self.new_itt();
+        let (tx, mut rx) = events::channel();
+        let r = self.execute_inner(cmd, itt, tx, &mut rx, deadline).await;
+        if matches!(r, Outcome::Done(_)) {
+            return r;
         }
+        if matches!(r, Outcome::TimedOut) {
+            // Out of the task table, the reader is done with the task (it completed, or
+            // was never sent); in it, the target still has it: ask it to let go.
+            let sent = self.lock_table().contains_key(&itt);
+            if !sent || self.abort(itt).await {
+                if sent {
+                    self.aborts.fetch_add(1, Ordering::Relaxed);
+                }
+                // The task may have completed just before the abort reached the target.
+                while let Some(ev) = rx.try_recv() {
+                    if let Event::Done(c) = ev {
+                        return Outcome::Done(c);
+                    }
+                }
+                return Outcome::TimedOut;
+            }
+        }
+        // Whatever went wrong, the reader must be finished with our buffer first.
+        if matches!(r, Outcome::TimedOut) {
+            self.kill(&format!(
+                "{} got no answer in time, nor did its abort",
+                super::scsi::command_name(&cmd.cdb)
+            ));
+        } else {
+            self.kill("a command failed on this connection");
+        }
+        self.closed().await;
         r
     }
 
-    async fn execute_inner(&self, cmd: &Command, deadline: Instant) -> Outcome {
-        let itt = self.new_itt();
-        let (tx, mut rx) = events::channel();
+    async fn execute_inner(
+        &self,
+        cmd: &Command,
+        itt: u32,
+        tx: EventTx,
+        rx: &mut events::EventRx,
+        deadline: Instant,
+    ) -> Outcome {
         // No timer here: once registered, the sweeper enforces the deadline.
         match self.send_command(cmd, itt, tx, deadline).await {
             Err(SendError::Late) => return Outcome::TimedOut,
@@ -337,6 +412,48 @@ impl Session {
                     }
                 }
             }
+        }
+    }
+
+    /// ABORT TASK for task `itt`, waiting for the answer as long as the task's grace.
+    /// True once the target said the task is gone (aborted, or already finished) and the
+    /// reader has dropped it: nothing will touch its buffers any more.
+    async fn abort(&self, itt: u32) -> bool {
+        let (ref_cmd_sn, grace) = match self.lock_table().get(&itt) {
+            Some(p) => (p.cmd_sn, p.grace),
+            // Completed meanwhile.
+            None => return true,
+        };
+        let deadline = Instant::now() + grace;
+        let (tmf, mut answer) = self.expect_answer(deadline);
+        if let Some(p) = self.lock_table().get_mut(&tmf) {
+            p.aborts = Some(itt);
+        }
+        let mut b = Bhs::new(pdu::OP_TMF_REQ);
+        b.set_immediate();
+        b.set_flags(pdu::F_FINAL | TMF_ABORT_TASK);
+        b.set_lun(self.lun);
+        b.set_itt(tmf);
+        b.set_u32(20, itt);
+        b.set_u32(32, ref_cmd_sn);
+        let answered = match self.send_immediate(b).await {
+            Err(_) => None,
+            Ok(()) => match tokio::time::timeout_at(deadline, answer.recv()).await {
+                Ok(Some(Event::Done(c))) => Some(c.status),
+                _ => None,
+            },
+        };
+        self.lock_table().remove(&tmf);
+        match answered {
+            Some(TMF_FUNCTION_COMPLETE | TMF_NO_SUCH_TASK) => {
+                // The reader removed the task when it read the answer.
+                !self.lock_table().contains_key(&itt)
+            }
+            Some(other) => {
+                tracing::debug!(target_iqn = %self.peer.target, response = other, "the target refused ABORT TASK");
+                false
+            }
+            None => false,
         }
     }
 
@@ -370,12 +487,10 @@ impl Session {
         let out = cmd.data_out.unwrap_or(IoBuf::empty());
         // SAFETY: the issuer keeps the buffer alive until execute returns (IoBuf rules).
         let data = unsafe { out.as_slice() };
-        let pending = Pending {
-            deadline,
-            data_in: cmd.data_in,
-            received: 0,
-            events,
-        };
+        let mut pending = Pending::new(deadline, cmd.data_in, events);
+        pending.grace = deadline
+            .saturating_duration_since(Instant::now())
+            .min(ABORT_WAIT_MAX);
         let first = &data[..immediate as usize];
         if immediate <= INLINE_MAX && unsolicited == immediate {
             return self.queue_command(b, first, itt, pending, deadline).await;
@@ -425,10 +540,11 @@ impl Session {
                 } else {
                     b.set_u32(24, tx.cmd_sn);
                     b.set_u32(28, self.exp_stat_sn.load(Ordering::Acquire));
-                    tx.cmd_sn = tx.cmd_sn.wrapping_add(1);
-                    if let Some(p) = pending.take() {
+                    if let Some(mut p) = pending.take() {
+                        p.cmd_sn = tx.cmd_sn;
                         self.lock_table().insert(itt, p);
                     }
+                    tx.cmd_sn = tx.cmd_sn.wrapping_add(1);
                     self.commands.fetch_add(1, Ordering::Relaxed);
                     push_pdu(&mut tx.buf, &mut b, data, self.neg.digests);
                     Some(!std::mem::replace(&mut tx.flushing, true))
@@ -468,10 +584,11 @@ impl Session {
         }
         b.set_u32(24, tx.cmd_sn);
         b.set_u32(28, self.exp_stat_sn.load(Ordering::Acquire));
-        tx.cmd_sn = tx.cmd_sn.wrapping_add(1);
-        if let Some(p) = pending.take() {
+        if let Some(mut p) = pending.take() {
+            p.cmd_sn = tx.cmd_sn;
             self.lock_table().insert(itt, p);
         }
+        tx.cmd_sn = tx.cmd_sn.wrapping_add(1);
         self.commands.fetch_add(1, Ordering::Relaxed);
         Ok(Some(std::mem::take(&mut tx.buf)))
     }
@@ -674,15 +791,8 @@ impl Session {
     fn expect_answer(&self, deadline: Instant) -> (u32, events::EventRx) {
         let itt = self.new_itt();
         let (tx, rx) = events::channel();
-        self.lock_table().insert(
-            itt,
-            Pending {
-                deadline,
-                data_in: None,
-                received: 0,
-                events: tx,
-            },
-        );
+        self.lock_table()
+            .insert(itt, Pending::new(deadline, None, tx));
         (itt, rx)
     }
 
@@ -709,7 +819,7 @@ impl Session {
         r
     }
 
-    /// Send an immediate PDU (NOP-Out, Logout): it carries the current CmdSN without
+    /// Send an immediate PDU (NOP-Out, Logout, Task Management): it carries the current CmdSN without
     /// taking it.
     async fn send_immediate(&self, mut b: Bhs) -> Result<(), String> {
         let lead = {
@@ -773,7 +883,9 @@ impl Session {
     }
 
     /// Every [`SWEEP_EVERY`], tell commands past their deadline so (their callers then
-    /// end the connection). Ends with the session.
+    /// abort them), and end the connection when one is still there past its deadline and
+    /// grace (its abort went unanswered, or its caller is stuck writing to a target that
+    /// stopped reading). Ends with the session.
     async fn sweep(me: Weak<Session>) {
         loop {
             tokio::time::sleep(SWEEP_EVERY).await;
@@ -782,14 +894,21 @@ impl Session {
                 return;
             }
             let now = Instant::now();
-            let mut late = 0;
-            for p in s.lock_table().values().filter(|p| p.deadline <= now) {
-                p.events.send(Event::Expired);
-                late += 1;
+            let mut overdue = 0;
+            for p in s.lock_table().values_mut().filter(|p| p.deadline <= now) {
+                if !p.expired {
+                    p.expired = true;
+                    p.events.send(Event::Expired);
+                }
+                // Two sweeps late, so that an abort's own wait ends first.
+                if p.deadline + p.grace + 2 * SWEEP_EVERY <= now {
+                    overdue += 1;
+                }
             }
-            if late > 0 {
-                // Also frees a caller stuck writing to a target that stopped reading.
-                s.kill(&format!("{late} command(s) got no answer in time"));
+            if overdue > 0 {
+                s.kill(&format!(
+                    "{overdue} command(s) got no answer in time, nor did their aborts"
+                ));
             }
         }
     }

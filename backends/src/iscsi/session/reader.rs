@@ -13,7 +13,9 @@ use tokio::net::tcp::OwnedReadHalf;
 use super::super::login::OUR_MAX_RECV;
 use super::super::pdu::{self, Bhs, ReadError, RESERVED_TAG};
 use super::super::scsi::Sense;
-use super::{Completion, Event, Pending, Session, MAX_RESPONSE_DATA};
+use super::{
+    Completion, Event, Pending, Session, MAX_RESPONSE_DATA, TMF_FUNCTION_COMPLETE, TMF_NO_SUCH_TASK,
+};
 
 impl Session {
     /// The reader task: PDUs until the connection fails or is killed; then every
@@ -55,7 +57,13 @@ impl Session {
                 self.on_nop_in(&h);
                 Ok(())
             }
-            pdu::OP_LOGOUT_RSP | pdu::OP_TMF_RSP | pdu::OP_TEXT_RSP => {
+            pdu::OP_TMF_RSP => {
+                self.note_stat_sn(&h);
+                pdu::skip_data(r, h.data_len(), d).await?;
+                self.on_tmf_response(&h);
+                Ok(())
+            }
+            pdu::OP_LOGOUT_RSP | pdu::OP_TEXT_RSP => {
                 self.note_stat_sn(&h);
                 pdu::skip_data(r, h.data_len(), d).await?;
                 self.complete(h.itt(), 0, None, 0);
@@ -166,6 +174,23 @@ impl Session {
             None
         };
         self.complete(h.itt(), h.byte(3), sense, residual(h));
+    }
+
+    /// The answer to an ABORT TASK. When it says the task is gone, the target has sent
+    /// all it will for it: the task leaves the table here, before the next PDU is read,
+    /// so nothing can be written into its buffer once its caller is told.
+    fn on_tmf_response(&self, h: &Bhs) {
+        let response = h.byte(2);
+        {
+            let mut table = self.lock_table();
+            let aborted = table.get(&h.itt()).and_then(|p| p.aborts);
+            if let Some(task) = aborted {
+                if matches!(response, TMF_FUNCTION_COMPLETE | TMF_NO_SUCH_TASK) {
+                    table.remove(&task);
+                }
+            }
+        }
+        self.complete(h.itt(), response, None, 0);
     }
 
     fn on_r2t(&self, h: &Bhs) {
