@@ -674,8 +674,9 @@ async fn silent_or_garbage_portals_fail_cleanly() {
 }
 
 /// A target that keeps the connection but stops answering (SIGSTOP): the command fails
-/// with Timeout close to its deadline; once the target runs again (SIGCONT) the member
-/// logs in anew and serves I/O.
+/// with Timeout once its deadline passed and its ABORT TASK went unanswered too (as long
+/// again for a command given less than 2 s), and the connection is reset; once the
+/// target runs again (SIGCONT) the member logs in anew and serves I/O.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_target_times_out_then_recovers() {
     if !fixtures::require("tgtd") {
