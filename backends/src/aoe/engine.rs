@@ -572,14 +572,8 @@ impl Engine {
             .store(self.rtt.rto().as_micros() as u64, Ordering::Relaxed);
     }
 
-    /// The target answered after seeming gone: count and log it once. Not while our
-    /// link refuses frames: a reply that was already queued to us when the link went
-    /// down shows the target was there, not that it can be reached now; taking it as
-    /// news would stop the queries that notice the link coming back.
+    /// The target answered after seeming gone: count and log it once.
     fn answers_again(&mut self, mac: Mac) {
-        if self.last_send_error.is_some() {
-            return;
-        }
         if self.lost_since.take().is_some() {
             self.stats.rediscovered.fetch_add(1, Ordering::Relaxed);
             tracing::info!(member = %self.name, %mac, "AoE target answers again");
@@ -663,12 +657,7 @@ impl Engine {
                 self.target.slot,
                 discover::control_tag(),
             );
-            // Whether the query leaves says whether the link takes frames again.
-            match self.sock.send(&q, &[]) {
-                Ok(()) => self.last_send_error = None,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(e) => self.last_send_error = Some(e.to_string()),
-            }
+            let _ = self.sock.send(&q, &[]);
             self.next_query = now + REDISCOVER_EVERY;
         }
     }
