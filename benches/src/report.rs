@@ -615,51 +615,27 @@ mod tests {
 
     #[test]
     fn cpu_targets_divide_the_peers_cpu_per_io_by_uniblks() {
-        let q1 = "randread-4k-qd1";
-        // uniblk: 2 s over 100k I/Os = 20 us each; nbdkit: 2.5 s over 100k = 25 us.
-        let r = results(vec![
-            sample(
-                "mem-unix",
-                "uniblk",
-                q1,
-                Ok(figures(10_000.0, 0.0, 2.0, 100_000)),
-            ),
-            sample(
-                "mem-unix",
-                "nbdkit",
-                q1,
-                Ok(figures(20_000.0, 0.0, 2.5, 100_000)),
-            ),
-        ]);
-        let c = comparisons(&r);
-        let cpu: Vec<_> = c
-            .iter()
-            .filter(|c| c.comparison.metric == Metric::CpuPerIo)
-            .collect();
-        assert_eq!(cpu.len(), 1, "{c:?}");
+        // uniblk and nbdkit at QD1: IOPS and server CPU seconds over 100k I/Os each.
+        let run = |u: (f64, f64), n: (f64, f64)| {
+            let q1 = "randread-4k-qd1";
+            let s = |name, (iops, cpu)| {
+                sample("mem-unix", name, q1, Ok(figures(iops, 0.0, cpu, 100_000)))
+            };
+            let c = comparisons(&results(vec![s("uniblk", u), s("nbdkit", n)]));
+            let cpu: Vec<_> = c
+                .into_iter()
+                .filter(|c| c.comparison.metric == Metric::CpuPerIo)
+                .collect();
+            assert_eq!(cpu.len(), 1, "{cpu:?}");
+            cpu
+        };
+        // uniblk: 2 s over 100k I/Os = 20 us each; nbdkit: 2.5 s = 25 us.
+        let cpu = run((10_000.0, 2.0), (20_000.0, 2.5));
         assert!((cpu[0].ratio.unwrap() - 1.25).abs() < 1e-9, "{:?}", cpu[0]);
         assert_eq!(cpu[0].met(), Some(true));
         // Twice as fast but hungrier: the CPU target is missed.
-        let r = results(vec![
-            sample(
-                "mem-unix",
-                "uniblk",
-                q1,
-                Ok(figures(40_000.0, 0.0, 3.0, 100_000)),
-            ),
-            sample(
-                "mem-unix",
-                "nbdkit",
-                q1,
-                Ok(figures(20_000.0, 0.0, 2.5, 100_000)),
-            ),
-        ]);
-        let c = comparisons(&r);
-        let cpu = c
-            .iter()
-            .find(|c| c.comparison.metric == Metric::CpuPerIo)
-            .unwrap();
-        assert_eq!(cpu.met(), Some(false));
+        let c = run((40_000.0, 3.0), (20_000.0, 2.5));
+        assert_eq!(c[0].met(), Some(false));
         let table = comparison_table(&c);
         assert!(
             table.contains("30.0 us CPU/IO") && table.contains("MISSED"),

@@ -275,55 +275,21 @@ const CPU_JOBS: [&str; 6] = [
 /// and issue 7's AoE figure.
 pub fn comparisons() -> Vec<Comparison> {
     use Comparison as C;
+    let mem = |job, target| {
+        let label = "uniblk / nbdkit memory";
+        C::main("mem-unix", label, job, "uniblk", &["nbdkit"], target)
+    };
+    let file = |job, target| {
+        let label = "uniblk raid1 / qemu-nbd on one file";
+        C::main("raid1-file", label, job, "uniblk", &["qemu-nbd"], target)
+    };
     let mut out = vec![
-        C::main(
-            "mem-unix",
-            "uniblk / nbdkit memory",
-            "randread-4k-qd32x2",
-            "uniblk",
-            &["nbdkit"],
-            1.5,
-        ),
-        C::main(
-            "mem-unix",
-            "uniblk / nbdkit memory",
-            RANDWRITE_QD32,
-            "uniblk",
-            &["nbdkit"],
-            1.5,
-        ),
-        C::main(
-            "mem-unix",
-            "uniblk / nbdkit memory",
-            SEQREAD_1M,
-            "uniblk",
-            &["nbdkit"],
-            1.2,
-        ),
-        C::main(
-            "mem-unix",
-            "uniblk / nbdkit memory",
-            "write-1m-qd8",
-            "uniblk",
-            &["nbdkit"],
-            1.2,
-        ),
-        C::main(
-            "raid1-file",
-            "uniblk raid1 / qemu-nbd on one file",
-            "randread-4k-qd32x2",
-            "uniblk",
-            &["qemu-nbd"],
-            1.3,
-        ),
-        C::main(
-            "raid1-file",
-            "uniblk raid1 / qemu-nbd on one file",
-            RANDWRITE_QD32,
-            "uniblk",
-            &["qemu-nbd"],
-            0.9,
-        ),
+        mem("randread-4k-qd32x2", 1.5),
+        mem(RANDWRITE_QD32, 1.5),
+        mem(SEQREAD_1M, 1.2),
+        mem("write-1m-qd8", 1.2),
+        file("randread-4k-qd32x2", 1.3),
+        file(RANDWRITE_QD32, 0.9),
     ];
     for group in ["mem-unix", "mem-tcp", "null"] {
         out.extend(CPU_JOBS.iter().map(|job| C::cpu_below_nbdkit(group, job)));
