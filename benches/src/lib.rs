@@ -4,6 +4,7 @@
 //! daemon and runs `uniblk-bench` (src/main.rs); micro-benchmarks live in benches/micro.rs.
 
 pub mod chart;
+pub mod diskstat;
 pub mod jobs;
 pub mod machine;
 pub mod procstat;

@@ -82,6 +82,10 @@ fn bench(a: &Args) -> Result<bool> {
     if !comparisons.is_empty() {
         println!("{}", report::comparison_table(&comparisons));
     }
+    let disk = report::disk_table(&results);
+    if !disk.is_empty() {
+        println!("{disk}");
+    }
     write_outputs(&a.out, &info, &results, &rows)?;
     let failures = results.failures();
     println!(

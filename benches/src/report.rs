@@ -353,6 +353,80 @@ pub fn comparison_table(rows: &[ComparisonRow]) -> String {
     out
 }
 
+const DISK_HEADER: [&str; 6] = [
+    "group",
+    "system",
+    "job",
+    "disk requests/IO",
+    "at the disk",
+    "disk latency",
+];
+
+/// The samples that carry figures of the disk under the member files, as table cells.
+fn disk_rows(r: &Results) -> Vec<Vec<String>> {
+    r.samples
+        .iter()
+        .filter_map(|s| {
+            let f = s.outcome.as_ref().ok()?;
+            let d = f.disk?;
+            Some(vec![
+                s.system.group.to_string(),
+                s.system.name.to_string(),
+                s.job.name.to_string(),
+                format!("{:.2}", d.ios as f64 / f.m.ios.max(1) as f64),
+                format!("{:.1}", d.depth),
+                micros(d.lat_us),
+            ])
+        })
+        .collect()
+}
+
+const DISK_NOTE: &str = "the disk under the member files, from its block-layer counters over \
+    each measured run: requests it completed per client I/O, how many it held on average \
+    while it held any, and their mean time below the file system";
+
+/// The disk figures for a terminal (empty when no sample has them).
+pub fn disk_table(r: &Results) -> String {
+    let rows = disk_rows(r);
+    if rows.is_empty() {
+        return String::new();
+    }
+    let mut all: Vec<Vec<String>> = vec![DISK_HEADER.map(String::from).to_vec()];
+    all.extend(rows);
+    let widths: Vec<usize> = (0..DISK_HEADER.len())
+        .map(|i| all.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = format!("{DISK_NOTE}:\n");
+    for row in &all {
+        let line: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .enumerate()
+            .map(|(i, (c, w))| match i < 3 {
+                true => format!("{c:<w$}"),
+                false => format!("{c:>w$}"),
+            })
+            .collect();
+        out += line.join("  ").trim_end();
+        out.push('\n');
+    }
+    out
+}
+
+fn disk_markdown(r: &Results) -> String {
+    let rows = disk_rows(r);
+    if rows.is_empty() {
+        return String::new();
+    }
+    let mut out = format!("\nDisk: {DISK_NOTE}.\n\n");
+    out += &format!("| {} |\n", DISK_HEADER.join(" | "));
+    out += "|---|---|---|---:|---:|---:|\n";
+    for row in rows {
+        out += &format!("| {} |\n", row.join(" | "));
+    }
+    out
+}
+
 fn comparisons_markdown(rows: &[ComparisonRow]) -> String {
     if rows.is_empty() {
         return String::new();
@@ -442,6 +516,7 @@ pub fn markdown(info: &RunInfo, results: &Results, rows: &[Row]) -> String {
         out += &format!("| {} |\n", cells.join(" | "));
     }
     out += &comparisons_markdown(&comparisons(results));
+    out += &disk_markdown(results);
     out
 }
 
@@ -494,6 +569,13 @@ fn row_json(row: &Row) -> Value {
             v["ios"] = json!(f.m.ios);
             v["server_cpu_s"] = json!(f.cpu_s);
             v["server_cpu_us_per_io"] = json!(f.cpu_per_io_us());
+            if let Some(d) = f.disk {
+                v["disk"] = json!({
+                    "requests": d.ios,
+                    "outstanding": d.depth,
+                    "lat_us": d.lat_us,
+                });
+            }
         }
         Err(e) => v["error"] = json!(e),
     }
@@ -515,6 +597,7 @@ mod tests {
                 ios,
             },
             cpu_s: Some(cpu_s),
+            disk: None,
         }
     }
 
@@ -564,6 +647,32 @@ mod tests {
             systems: Vec::new(),
             elapsed: std::time::Duration::ZERO,
         }
+    }
+
+    #[test]
+    fn the_disk_table_lists_only_samples_with_disk_figures() {
+        let job = "randread-4k-qd32x2";
+        let mut with_disk = figures(57_000.0, 222.0, 1.0, 57_000);
+        with_disk.disk = Some(crate::diskstat::DiskFigures {
+            ios: 114_000,
+            lat_us: 699.0,
+            depth: 40.04,
+        });
+        let r = results(vec![
+            sample("raid1-file", "uniblk", job, Ok(with_disk)),
+            sample("mem-unix", "uniblk", job, Ok(figures(1.0, 1.0, 1.0, 1))),
+        ]);
+        let text = disk_table(&r);
+        assert!(text.contains("2.00"), "two disk requests per I/O: {text}");
+        assert!(text.contains("40.0"), "{text}");
+        assert!(text.contains("699.0 us"), "{text}");
+        assert!(!text.contains("mem-unix"), "no disk, no row: {text}");
+        let md = disk_markdown(&r);
+        assert!(
+            md.contains("| raid1-file | uniblk | randread-4k-qd32x2 | 2.00 | 40.0 | 699.0 us |"),
+            "{md}"
+        );
+        assert!(disk_table(&results(vec![])).is_empty());
     }
 
     #[test]

@@ -8,6 +8,7 @@ use anyhow::{bail, Context, Result};
 use fixtures::{sparse_file, Tmp};
 use serde_json::Value;
 
+use crate::diskstat::{self, Disk, DiskFigures};
 use crate::jobs::{
     fio_args, iscsi_perf, parse_report, prefill_args, Job, Measured, Region, Target, JOBS,
 };
@@ -83,6 +84,9 @@ pub struct Figures {
     pub m: Measured,
     /// The server's CPU seconds during the measured run; `None` without a server.
     pub cpu_s: Option<f64>,
+    /// The disk under the member files during the measured run, for the systems that
+    /// serve them; `None` elsewhere or when the disk did no I/O.
+    pub disk: Option<DiskFigures>,
 }
 
 impl Figures {
@@ -300,11 +304,17 @@ fn measure(sys: &System, running: &Running, job: &Job, plan: &Plan) -> Result<Fi
     if let Target::Iscsi { url } = target {
         iscsi_perf(job, url, plan.warmup).context("warm-up")?;
         let m = iscsi_perf(job, url, plan.runtime)?;
-        return Ok(Figures { m, cpu_s: None });
+        return Ok(Figures {
+            m,
+            cpu_s: None,
+            disk: None,
+        });
     }
     run_fio(&fio_args(job, target, region, plan.warmup)).context("warm-up")?;
     let cpu = || running.pid().map(cpu_seconds).transpose();
+    let disk = || running.disk.as_ref().map(Disk::read).transpose();
     let before = cpu()?;
+    let disk_before = disk()?;
     // A quick pass takes fewer of a rate-capped server's slow requests.
     let floor = match plan.quick {
         true => sys.kind.min_runtime().min(QUICK_CAPPED),
@@ -313,9 +323,13 @@ fn measure(sys: &System, running: &Running, job: &Job, plan: &Plan) -> Result<Fi
     let runtime = plan.runtime.max(floor);
     let report = run_fio(&fio_args(job, target, region, runtime))?;
     let after = cpu()?;
+    let disk_after = disk()?;
     let m = parse_report(&report, job)?;
     let cpu_s = before.zip(after).map(|(b, a)| a - b);
-    Ok(Figures { m, cpu_s })
+    let disk = disk_before
+        .zip(disk_after)
+        .and_then(|(b, a)| diskstat::between(&b, &a));
+    Ok(Figures { m, cpu_s, disk })
 }
 
 /// fio with a JSON report; a non-zero exit or a job error is a failure.
@@ -377,6 +391,7 @@ mod tests {
                 ios: 1,
             },
             cpu_s: Some(iops),
+            disk: None,
         }
     }
 

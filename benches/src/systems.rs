@@ -13,6 +13,7 @@ use fixtures::{
     DIR_PLACEHOLDER,
 };
 
+use crate::diskstat::Disk;
 use crate::jobs::{Region, Target};
 
 /// Every array's data starts 1 MiB into each member (DESIGN.md, on-disk metadata).
@@ -377,6 +378,8 @@ pub struct Running {
     pub target: Target,
     /// Where the benchmark's bytes live on this target.
     pub region: Region,
+    /// The disk under the member files, for the systems that serve them.
+    pub disk: Option<Disk>,
 }
 
 enum Server {
@@ -534,6 +537,7 @@ pub fn start(sys: &System, env: &Env) -> Result<Running> {
                 server: Server::None,
                 target: Target::File { path },
                 region: file_region,
+                disk: member_disk(sys, env),
             });
         }
     };
@@ -546,7 +550,14 @@ pub fn start(sys: &System, env: &Env) -> Result<Running> {
         server,
         target,
         region,
+        disk: member_disk(sys, env),
     })
+}
+
+/// The disk under the member files, when `sys` serves them.
+fn member_disk(sys: &System, env: &Env) -> Option<Disk> {
+    let files = env.files.filter(|_| sys.kind.uses_files())?;
+    Disk::of(&files[0])
 }
 
 fn files<'a>(env: &Env<'a>) -> Result<&'a [PathBuf; 2]> {
