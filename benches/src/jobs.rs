@@ -85,10 +85,32 @@ impl Job {
 pub enum Target {
     /// fio's nbd engine (libnbd) on an NBD URI.
     Nbd { uri: String },
-    /// fio's io_uring engine with O_DIRECT on a local file: the no-NBD ceiling.
-    File { path: PathBuf },
+    /// fio's io_uring engine with O_DIRECT on local files: the no-NBD ceiling. With more
+    /// than one, each fio job spreads its requests over all of them, and the region is
+    /// that of each file.
+    Files { paths: Vec<PathBuf> },
     /// Not fio: libiscsi's iscsi-perf on an iSCSI LUN (see [`iscsi_perf`]).
     Iscsi { url: String },
+}
+
+impl Target {
+    /// How many files fio spreads each job over (1 but for several local files).
+    fn files(&self) -> u64 {
+        match self {
+            Target::Files { paths } => paths.len().max(1) as u64,
+            _ => 1,
+        }
+    }
+}
+
+/// fio's `--filename` for several files: the paths joined by ':' (a ':' inside a path
+/// is escaped as '\:', as fio reads it).
+fn fio_file_list(paths: &[PathBuf]) -> String {
+    let escaped: Vec<String> = paths
+        .iter()
+        .map(|p| p.display().to_string().replace(':', "\\:"))
+        .collect();
+    escaped.join(":")
 }
 
 /// The region every job works in: `size` bytes from `offset` of the target.
@@ -108,7 +130,8 @@ pub fn fio_args(job: &Job, target: &Target, region: Region, runtime: Duration) -
         format!("--iodepth={}", job.iodepth),
         format!("--numjobs={}", job.numjobs),
         format!("--offset={}", region.offset),
-        format!("--size={}", region.size),
+        // fio divides a job's size among its files: give it the region of each.
+        format!("--size={}", region.size * target.files()),
         // One report for all `numjobs` processes.
         "--group_reporting".into(),
         "--time_based".into(),
@@ -124,10 +147,11 @@ pub fn fio_args(job: &Job, target: &Target, region: Region, runtime: Duration) -
 fn target_args(target: &Target) -> Vec<String> {
     match target {
         Target::Nbd { uri } => vec!["--ioengine=nbd".into(), format!("--uri={uri}")],
-        Target::File { path } => vec![
+        Target::Files { paths } => vec![
             "--ioengine=io_uring".into(),
             "--direct=1".into(),
-            format!("--filename={}", path.display()),
+            // fio's list separator; the harness's own scratch paths never hold one.
+            format!("--filename={}", fio_file_list(paths)),
         ],
         // Never reached by fio: measure() runs iscsi-perf for this target.
         Target::Iscsi { url } => vec![format!("--filename={url}")],
@@ -192,7 +216,8 @@ pub fn prefill_args(target: &Target, region: Region) -> Vec<String> {
         "--bs=1M".into(),
         "--iodepth=8".into(),
         format!("--offset={}", region.offset),
-        format!("--size={}", region.size),
+        // fio divides a job's size among its files: give it the region of each.
+        format!("--size={}", region.size * target.files()),
     ];
     args.extend(target_args(target));
     args
@@ -309,13 +334,33 @@ mod tests {
         assert!(nbd.contains(&"--numjobs=2".to_string()));
         let file = fio_args(
             &JOBS[0],
-            &Target::File {
-                path: "/tmp/a".into(),
+            &Target::Files {
+                paths: vec!["/tmp/a".into()],
             },
             region,
             Duration::from_secs(1),
         );
         assert!(file.contains(&"--direct=1".to_string()));
         assert!(file.contains(&"--offset=1048576".to_string()));
+        assert!(file.contains(&"--filename=/tmp/a".to_string()));
+        let size = |args: &[String]| args.iter().find(|a| a.starts_with("--size=")).cloned();
+        let both = fio_args(
+            &JOBS[0],
+            &Target::Files {
+                paths: vec!["/tmp/a".into(), "/tmp/b:c".into()],
+            },
+            region,
+            Duration::from_secs(1),
+        );
+        assert!(
+            both.contains(&"--filename=/tmp/a:/tmp/b\\:c".to_string()),
+            "{both:?}"
+        );
+        assert_eq!(
+            size(&both),
+            Some(format!("--size={}", 2 * region.size)),
+            "fio divides a job's size among its files"
+        );
+        assert_eq!(size(&file), Some(format!("--size={}", region.size)));
     }
 }

@@ -369,7 +369,9 @@ impl MemberFiles {
         for p in &paths {
             eprintln!("bench: writing {} MiB of {}", size >> 20, p.display());
             sparse_file(p, DATA_OFFSET + size)?;
-            let target = Target::File { path: p.clone() };
+            let target = Target::Files {
+                paths: vec![p.clone()],
+            };
             run_fio(&prefill_args(&target, region))
                 .with_context(|| format!("prefill {}", p.display()))?;
         }

@@ -47,6 +47,9 @@ pub enum Kind {
     QemuNbd,
     /// fio's io_uring engine, O_DIRECT, on the first member file: no server at all.
     FioDirect,
+    /// The same on both member files at once, each fio job spreading its requests over
+    /// the two: what the disk gives a reader of both files, as raid1 reads them.
+    FioDirectBoth,
     /// uniblk, a `linear` array of one `null:1GiB` member.
     UniblkNull,
     /// `nbdkit null 1G`.
@@ -95,6 +98,7 @@ impl Kind {
             Kind::UniblkRaid1
                 | Kind::QemuNbd
                 | Kind::FioDirect
+                | Kind::FioDirectBoth
                 | Kind::UniblkRaid1FileNbdkit
                 | Kind::UniblkLinearFile
                 | Kind::UniblkIscsi
@@ -334,7 +338,7 @@ pub fn comparisons() -> Vec<Comparison> {
 
 /// Every system, group by group, uniblk first in each group (the `remote` group: the
 /// arrays first, then their members alone).
-pub const SYSTEMS: [System; 17] = [
+pub const SYSTEMS: [System; 18] = [
     // The groups that carry issue 5's and 6's throughput targets report the median of
     // three interleaved rounds: on these shared 2-vCPU machines one run of a system moves
     // by more than the targets' margins from one minute to the next.
@@ -345,6 +349,7 @@ pub const SYSTEMS: [System; 17] = [
     System::new("raid1-file", "uniblk", Kind::UniblkRaid1).rounds(3),
     System::new("raid1-file", "qemu-nbd", Kind::QemuNbd).rounds(3),
     System::new("raid1-file", "fio-direct", Kind::FioDirect),
+    System::new("raid1-file", "fio-direct-both", Kind::FioDirectBoth),
     System::new("null", "uniblk", Kind::UniblkNull),
     System::new("null", "nbdkit", Kind::NbdkitNull),
     // The file lives on the machine's disk, whose speed drifts by a third within minutes
@@ -531,11 +536,15 @@ pub fn start(sys: &System, env: &Env) -> Result<Running> {
             (Server::Tgtd(t), Target::Iscsi { url })
         }
         Kind::UniblkAoe => uniblk_aoe(env)?,
-        Kind::FioDirect => {
-            let path = files(env)?[0].clone();
+        Kind::FioDirect | Kind::FioDirectBoth => {
+            let all = files(env)?;
+            let paths = match sys.kind {
+                Kind::FioDirect => vec![all[0].clone()],
+                _ => all.to_vec(),
+            };
             return Ok(Running {
                 server: Server::None,
-                target: Target::File { path },
+                target: Target::Files { paths },
                 region: file_region,
                 disk: member_disk(sys, env),
             });
