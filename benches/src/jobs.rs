@@ -150,7 +150,6 @@ fn target_args(target: &Target) -> Vec<String> {
         Target::Files { paths } => vec![
             "--ioengine=io_uring".into(),
             "--direct=1".into(),
-            // fio's list separator; the harness's own scratch paths never hold one.
             format!("--filename={}", fio_file_list(paths)),
         ],
         // Never reached by fio: measure() runs iscsi-perf for this target.

@@ -158,29 +158,56 @@ fn first_line(s: &str) -> String {
 pub fn text_table(rows: &[Row]) -> String {
     let mut all: Vec<Vec<String>> = vec![HEADER.map(String::from).to_vec()];
     all.extend(rows.iter().map(cells));
-    let widths: Vec<usize> = (0..HEADER.len())
-        .map(|i| all.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
-        .collect();
     let mut out = String::new();
-    for (n, r) in all.iter().enumerate() {
+    for (n, line) in aligned(&all, |i| i >= 3).iter().enumerate() {
         // A blank line between comparison groups.
-        if n > 1 && all[n - 1][0] != r[0] {
+        if n > 1 && all[n - 1][0] != all[n][0] {
             out.push('\n');
         }
-        let line: Vec<String> = r
-            .iter()
-            .zip(&widths)
-            .enumerate()
-            .map(|(i, (c, w))| {
-                if i < 3 {
-                    format!("{c:<w$}")
-                } else {
-                    format!("{c:>w$}")
-                }
-            })
-            .collect();
-        out += line.join("  ").trim_end();
+        out += line;
         out.push('\n');
+    }
+    out
+}
+
+/// Rows as text lines: columns padded to their widest cell and two spaces apart, the
+/// columns `right` picks right-aligned (numbers), the others left-aligned.
+fn aligned(all: &[Vec<String>], right: impl Fn(usize) -> bool) -> Vec<String> {
+    let columns = all.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..columns)
+        .map(|i| {
+            let width = |r: &Vec<String>| r.get(i).map_or(0, |c| c.chars().count());
+            all.iter().map(width).max().unwrap_or(0)
+        })
+        .collect();
+    all.iter()
+        .map(|r| {
+            let cells: Vec<String> = r
+                .iter()
+                .zip(&widths)
+                .enumerate()
+                .map(|(i, (c, w))| match right(i) {
+                    true => format!("{c:>w$}"),
+                    false => format!("{c:<w$}"),
+                })
+                .collect();
+            cells.join("  ").trim_end().to_string()
+        })
+        .collect()
+}
+
+/// A markdown table: the header, then one line per row (a '|' in a cell, as in an
+/// error message, escaped so it does not end the cell); `right` picks the columns
+/// aligned right.
+fn markdown_table(header: &[&str], rows: &[Vec<String>], right: impl Fn(usize) -> bool) -> String {
+    let mut out = format!("| {} |\n|", header.join(" | "));
+    for i in 0..header.len() {
+        out += if right(i) { "---:|" } else { "---|" };
+    }
+    out.push('\n');
+    for row in rows {
+        let cells: Vec<String> = row.iter().map(|c| c.replace('|', "\\|")).collect();
+        out += &format!("| {} |\n", cells.join(" | "));
     }
     out
 }
@@ -335,19 +362,11 @@ pub fn comparison_table(rows: &[ComparisonRow]) -> String {
     }
     let mut all: Vec<Vec<String>> = vec![COMPARISON_HEADER.map(String::from).to_vec()];
     all.extend(rows.iter().map(comparison_cells));
-    let widths: Vec<usize> = (0..COMPARISON_HEADER.len())
-        .map(|i| all.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
-        .collect();
     let mut out = String::from(
         "targets (above 1.0 the system does better than the weakest it is set against):\n",
     );
-    for r in &all {
-        let line: Vec<String> = r
-            .iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
-        out += line.join("  ").trim_end();
+    for line in aligned(&all, |_| false) {
+        out += &line;
         out.push('\n');
     }
     out
@@ -393,21 +412,9 @@ pub fn disk_table(r: &Results) -> String {
     }
     let mut all: Vec<Vec<String>> = vec![DISK_HEADER.map(String::from).to_vec()];
     all.extend(rows);
-    let widths: Vec<usize> = (0..DISK_HEADER.len())
-        .map(|i| all.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
-        .collect();
     let mut out = format!("{DISK_NOTE}:\n");
-    for row in &all {
-        let line: Vec<String> = row
-            .iter()
-            .zip(&widths)
-            .enumerate()
-            .map(|(i, (c, w))| match i < 3 {
-                true => format!("{c:<w$}"),
-                false => format!("{c:>w$}"),
-            })
-            .collect();
-        out += line.join("  ").trim_end();
+    for line in aligned(&all, |i| i >= 3) {
+        out += &line;
         out.push('\n');
     }
     out
@@ -418,34 +425,21 @@ fn disk_markdown(r: &Results) -> String {
     if rows.is_empty() {
         return String::new();
     }
-    let mut out = format!("\nDisk: {DISK_NOTE}.\n\n");
-    out += &format!("| {} |\n", DISK_HEADER.join(" | "));
-    out += "|---|---|---|---:|---:|---:|\n";
-    for row in rows {
-        out += &format!("| {} |\n", row.join(" | "));
-    }
-    out
+    format!("\nDisk: {DISK_NOTE}.\n\n") + &markdown_table(&DISK_HEADER, &rows, |i| i >= 3)
 }
 
 fn comparisons_markdown(rows: &[ComparisonRow]) -> String {
     if rows.is_empty() {
         return String::new();
     }
-    let mut out = String::from(
+    let out = String::from(
         "\nTargets: each ratio is the system's result over the slowest of the systems it is \
          set against (for CPU per I/O: theirs over the system's, so that above 1.0 the system \
          spends less), with the target the issue asks for.\n\n",
     );
-    out += &format!("| {} |\n", COMPARISON_HEADER.join(" | "));
-    out += "|---|---|---|---:|---|---:|---:|---:|\n";
-    for row in rows {
-        let cells: Vec<String> = comparison_cells(row)
-            .iter()
-            .map(|c| c.replace('|', "\\|"))
-            .collect();
-        out += &format!("| {} |\n", cells.join(" | "));
-    }
-    out
+    let cells: Vec<Vec<String>> = rows.iter().map(comparison_cells).collect();
+    // The system's result, the baseline's, the ratio and the target are numbers.
+    out + &markdown_table(&COMPARISON_HEADER, &cells, |i| matches!(i, 3 | 5 | 6 | 7))
 }
 
 fn comparison_json(row: &ComparisonRow) -> Value {
@@ -501,20 +495,8 @@ pub fn markdown(info: &RunInfo, results: &Results, rows: &[Row]) -> String {
             .as_ref()
             .map_or(String::new(), |f| format!(" Only jobs matching '{f}'.")),
     );
-    out += &format!("| {} |\n", HEADER.join(" | "));
-    out += &format!(
-        "|{}\n",
-        HEADER
-            .iter()
-            .enumerate()
-            .map(|(i, _)| if i < 3 { "---|" } else { "---:|" })
-            .collect::<String>()
-    );
-    for row in rows {
-        // A '|' in an error message would end its cell.
-        let cells: Vec<String> = cells(row).iter().map(|c| c.replace('|', "\\|")).collect();
-        out += &format!("| {} |\n", cells.join(" | "));
-    }
+    let main: Vec<Vec<String>> = rows.iter().map(cells).collect();
+    out += &markdown_table(&HEADER, &main, |i| i >= 3);
     out += &comparisons_markdown(&comparisons(results));
     out += &disk_markdown(results);
     out
