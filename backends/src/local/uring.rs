@@ -8,6 +8,12 @@
 //! ring thread (doorbell to the thread, completion back to the runtime), which at queue
 //! depth 1 were most of a 4 KiB read's latency.
 //!
+//! A busy frontend does not wait for that wake-up: every submitting thread `watch`es the
+//! ring (raidcore::plug) and the NBD server `collect`s before it polls its requests, so
+//! completions already in the CQ (the kernel posts them in the submitting thread, on its
+//! way back from a system call) are answered in the same pass. Same-run A/B, raid1 of
+//! two files, 4k randread QD32x2: 6.1 instead of 7.9 us of daemon CPU per read.
+//!
 //! The reaper is spawned on the runtime of the first caller and again whenever the
 //! previous one is gone (its runtime shut down). Outside any tokio runtime a job runs as
 //! blocking system calls instead.
@@ -144,6 +150,7 @@ impl Uring {
             return sys::run_blocking(inner.file.as_raw_fd(), job).map_err(JobError::Errno);
         };
         inner.ensure_reaper(&rt);
+        raidcore::plug::watch(inner);
         let Ok(permit) = inner.slots.clone().acquire_owned().await else {
             return Err(JobError::Shutdown);
         };
@@ -191,6 +198,16 @@ impl raidcore::plug::Doorbell for Inner {
         let mut ring = self.lock();
         if !ring.ring.submission().is_empty() {
             ring.enter(0);
+        }
+    }
+}
+
+/// Reaping from a frontend's thread: skipped while another holds the ring (the reaper or
+/// a submitter, who will see the completions anyway), so a frontend never waits here.
+impl raidcore::plug::Completions for Inner {
+    fn collect(&self) {
+        if let Ok(mut ring) = self.ring.try_lock() {
+            ring.reap();
         }
     }
 }

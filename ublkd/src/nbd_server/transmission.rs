@@ -292,6 +292,8 @@ impl<F: Future<Output = Finished>> Conn<F> {
         // Requests started in this pass reach their members' queues; the plug then
         // submits each member's share in one go.
         let _plug = raidcore::plug::Plug::new();
+        // Completions already posted by io_uring members are answered in this pass.
+        raidcore::plug::collect();
         let n = self.in_flight.poll(cx, |f| {
             if writing {
                 replies.push(Reply::encode(f.handle, f.body, structured, f.token));
