@@ -150,7 +150,6 @@ impl Uring {
             return sys::run_blocking(inner.file.as_raw_fd(), job).map_err(JobError::Errno);
         };
         inner.ensure_reaper(&rt);
-        raidcore::plug::watch(inner);
         let Ok(permit) = inner.slots.clone().acquire_owned().await else {
             return Err(JobError::Shutdown);
         };
@@ -171,6 +170,9 @@ impl Uring {
                 ring.enter(0);
             }
         }
+        // Here, not before the permit's await: the job may have moved to another thread,
+        // and the one that submits is the one whose collect() should look at the ring.
+        raidcore::plug::watch(inner);
         // A dropped sender means the job was discarded at shutdown.
         done.await.unwrap_or(Err(JobError::Shutdown))
     }
