@@ -6,7 +6,6 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use futures::future::join_all;
 use serde::Serialize;
 use tokio::sync::Mutex as AsyncMutex;
 use uuid::Uuid;
@@ -14,7 +13,8 @@ use uuid::Uuid;
 use crate::buf_pool::{BufPool, PoolBuf};
 use crate::error::{IoError, IoResult};
 use crate::io::{next_tag_id, Class, Flags, FrontIo, IoBuf, MemberIo, Op, Tag};
-use crate::level::{Copy, Level, Piece};
+use crate::join::join_all;
+use crate::level::{Copy, Level, Piece, Pieces};
 use crate::member::{FaultReason, Member, MemberSlot, MemberState};
 use crate::queue::IoQueue;
 use crate::superblock::{SbState, Superblock, SB_OFFSET, SB_SIZE};
@@ -494,8 +494,8 @@ impl Array {
         guards
     }
 
-    pub(crate) fn map(&self, offset: u64, len: u64) -> Vec<Piece> {
-        let mut pieces = Vec::with_capacity(4);
+    pub(crate) fn map(&self, offset: u64, len: u64) -> Pieces {
+        let mut pieces = Pieces::new();
         self.level.map(offset, len, &mut pieces);
         pieces
     }
@@ -526,10 +526,7 @@ impl Array {
             )
         });
         let redundant = piece.copies.len() > 1;
-        let mut last = IoError::Io(format!(
-            "array {}: no healthy copy of offset range",
-            self.name
-        ));
+        let mut last = None;
         for c in order {
             match self.member_io(c, Op::Read, buf, false).await {
                 Ok(()) => return Ok(()),
@@ -537,11 +534,17 @@ impl Array {
                     if redundant {
                         self.fault(c.member, FaultReason::from_error(&e)).await;
                     }
-                    last = e;
+                    last = Some(e);
                 }
             }
         }
-        Err(last)
+        // Built only here: formatting it up front cost every read an allocation.
+        Err(last.unwrap_or_else(|| {
+            IoError::Io(format!(
+                "array {}: no healthy copy of offset range",
+                self.name
+            ))
+        }))
     }
 
     async fn write_aligned(&self, offset: u64, buf: IoBuf, op: Op, fua: bool) -> IoResult {

@@ -7,6 +7,7 @@ pub mod assemble;
 pub mod buf_pool;
 pub mod error;
 pub mod io;
+pub mod join;
 pub mod level;
 pub mod member;
 pub mod plug;

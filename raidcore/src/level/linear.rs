@@ -1,6 +1,6 @@
 //! linear: members concatenated in layout order, each contributing its whole data area.
 
-use super::{one, Level, LevelKind, Piece};
+use super::{one, Level, LevelKind, Pieces};
 
 pub struct Linear {
     /// Array offset at which each member starts, plus the total at the end.
@@ -29,7 +29,7 @@ impl Level for Linear {
         *self.starts.last().unwrap_or(&0)
     }
 
-    fn map(&self, offset: u64, len: u64, out: &mut Vec<Piece>) {
+    fn map(&self, offset: u64, len: u64, out: &mut Pieces) {
         let (mut off, end) = (offset, offset + len);
         while off < end {
             // The member whose range holds `off`: the last start <= off.

@@ -35,6 +35,10 @@ pub struct Piece {
     pub copies: SmallVec<[Copy; 4]>,
 }
 
+/// The pieces of one request. Inline up to four (every request that stays inside one
+/// chunk, or crosses one boundary), so mapping an I/O allocates nothing.
+pub type Pieces = SmallVec<[Piece; 4]>;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LevelKind {
@@ -116,7 +120,7 @@ pub trait Level: Send + Sync {
 
     /// Append to `out` the pieces of `[offset, offset+len)`, in request order. The range
     /// lies inside `size()`.
-    fn map(&self, offset: u64, len: u64, out: &mut Vec<Piece>);
+    fn map(&self, offset: u64, len: u64, out: &mut Pieces);
 
     /// Whether every byte of the array still has a copy on a member not in `failed`.
     fn tolerates(&self, failed: &[bool]) -> bool;

@@ -2,7 +2,7 @@
 //! the first zone stripes across every member up to the smallest one's size, the next
 //! zone across the members that are larger, and so on, so no space is wasted.
 
-use super::{one, Level, LevelKind, Piece};
+use super::{one, Level, LevelKind, Pieces};
 
 struct Zone {
     /// Array offset where the zone starts.
@@ -59,7 +59,7 @@ impl Level for Raid0 {
         self.zones.last().map(|z| z.start + z.len).unwrap_or(0)
     }
 
-    fn map(&self, offset: u64, len: u64, out: &mut Vec<Piece>) {
+    fn map(&self, offset: u64, len: u64, out: &mut Pieces) {
         let (mut off, end) = (offset, offset + len);
         while off < end {
             let z = &self.zones[self.zones.partition_point(|z| z.start <= off) - 1];

@@ -3,7 +3,7 @@
 
 use smallvec::SmallVec;
 
-use super::{Copy, Level, LevelKind, Piece};
+use super::{Copy, Level, LevelKind, Piece, Pieces};
 
 pub struct Raid1 {
     members: usize,
@@ -28,7 +28,7 @@ impl Level for Raid1 {
         self.size
     }
 
-    fn map(&self, offset: u64, len: u64, out: &mut Vec<Piece>) {
+    fn map(&self, offset: u64, len: u64, out: &mut Pieces) {
         let copies: SmallVec<[Copy; 4]> = (0..self.members)
             .map(|member| Copy { member, offset })
             .collect();

@@ -5,7 +5,7 @@
 
 use smallvec::SmallVec;
 
-use super::{Copy, Level, LevelKind, Piece};
+use super::{Copy, Level, LevelKind, Piece, Pieces};
 
 const COPIES: u64 = 2;
 
@@ -47,7 +47,7 @@ impl Level for Raid10 {
         self.chunks * self.chunk
     }
 
-    fn map(&self, offset: u64, len: u64, out: &mut Vec<Piece>) {
+    fn map(&self, offset: u64, len: u64, out: &mut Pieces) {
         let (mut off, end) = (offset, offset + len);
         while off < end {
             let (chunk_no, within) = (off / self.chunk, off % self.chunk);

@@ -6,8 +6,8 @@ use super::*;
 
 const K: u64 = 1024;
 
-fn pieces(l: &dyn Level, off: u64, len: u64) -> Vec<Piece> {
-    let mut v = Vec::new();
+fn pieces(l: &dyn Level, off: u64, len: u64) -> Pieces {
+    let mut v = Pieces::new();
     l.map(off, len, &mut v);
     v
 }
