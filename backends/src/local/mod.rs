@@ -12,6 +12,7 @@
 //! `file:` as a block device (so discard and zeroing use the right system calls); either
 //! way `info().address` keeps the text the user wrote.
 
+mod cells;
 mod job;
 mod pread;
 mod sys;

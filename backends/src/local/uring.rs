@@ -3,7 +3,8 @@
 //! Callers submit: a tokio task locks the ring, queues its SQE and enters the kernel once
 //! (for O_DIRECT the block layer gets the bio right there). Completions come back through
 //! an eventfd registered with the ring and watched by the runtime's reactor: a reaper task
-//! per member drains the CQ and answers each caller's oneshot. A request therefore costs
+//! per member drains the CQ and answers each caller through its slot's reusable cell
+//! (cells.rs). A request therefore costs
 //! one wake-up (the reactor seeing the eventfd) instead of the two thread hand-offs of a
 //! ring thread (doorbell to the thread, completion back to the runtime), which at queue
 //! depth 1 were most of a 4 KiB read's latency.
@@ -31,8 +32,9 @@ use std::time::Duration;
 use io_uring::{opcode, squeue, types, IoUring, Probe};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
-use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Semaphore;
 
+use super::cells::Cells;
 use super::job::{Job, JobError, JobKind, JobResult, MAX_CHUNK};
 use super::sys;
 
@@ -41,17 +43,10 @@ use super::sys;
 const ENTRIES: u32 = 256;
 const MAX_IN_FLIGHT: usize = ENTRIES as usize - 1;
 
-struct Pending {
-    job: Job,
-    reply: oneshot::Sender<JobResult>,
-    /// Held until the job is answered: bounds the jobs in the kernel.
-    _permit: OwnedSemaphorePermit,
-}
-
 /// A job the kernel is working on, and how much of it is done (short transfers are
-/// resubmitted from there).
+/// resubmitted from there). Its index in `Ring::slots` is its cell's.
 struct Slot {
-    pending: Pending,
+    job: Job,
     done: u64,
 }
 
@@ -64,8 +59,10 @@ enum Next {
 struct Ring {
     ring: IoUring,
     fd: types::Fd,
+    /// One per cell; Some while the job is in the kernel.
     slots: Vec<Option<Slot>>,
-    free: Vec<usize>,
+    /// The same cells as `Inner::cells`: the ring fills them, callers empty them.
+    cells: Arc<Cells>,
     in_flight: usize,
     /// Reused completion batch (user_data, result).
     cqes: Vec<(u64, i32)>,
@@ -73,6 +70,8 @@ struct Ring {
 
 struct Inner {
     ring: Mutex<Ring>,
+    /// Results on their way to callers, outside the ring lock.
+    cells: Arc<Cells>,
     slots: Arc<Semaphore>,
     /// Registered with the ring: counts completions; the reaper waits on it.
     completions: OwnedFd,
@@ -119,16 +118,18 @@ impl Uring {
         let completions = sys::eventfd_nonblocking()?;
         ring.submitter().register_eventfd(completions.as_raw_fd())?;
         let fd = types::Fd(file.as_raw_fd());
+        let cells = Arc::new(Cells::new(MAX_IN_FLIGHT));
         Ok(Uring {
             inner: Arc::new(Inner {
                 ring: Mutex::new(Ring {
                     ring,
                     fd,
-                    slots: Vec::new(),
-                    free: Vec::new(),
+                    slots: (0..MAX_IN_FLIGHT).map(|_| None).collect(),
+                    cells: cells.clone(),
                     in_flight: 0,
                     cqes: Vec::with_capacity(2 * ENTRIES as usize),
                 }),
+                cells,
                 slots: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
                 completions,
                 file,
@@ -153,28 +154,27 @@ impl Uring {
         let Ok(permit) = inner.slots.clone().acquire_owned().await else {
             return Err(JobError::Shutdown);
         };
-        let (reply, done) = oneshot::channel();
-        {
+        let cell = {
             let mut ring = inner.lock();
             // Checked under the lock stop() drains under, so no job slips in after.
             if inner.stopping() {
                 return Err(JobError::Shutdown);
             }
-            ring.start(Pending {
-                job,
-                reply,
-                _permit: permit,
-            });
+            // Cells in use never outnumber permits (cells.rs), so one is free.
+            let Some(cell) = inner.cells.take() else {
+                return Err(JobError::Errno(libc::EAGAIN));
+            };
+            ring.start(cell, job);
             // Under a plug the SQE waits for the batch (see Inner::ring); else in now.
             if !raidcore::plug::defer(inner) {
                 ring.enter(0);
             }
-        }
+            cell
+        };
         // Here, not before the permit's await: the job may have moved to another thread,
         // and the one that submits is the one whose collect() should look at the ring.
         raidcore::plug::watch(inner);
-        // A dropped sender means the job was discarded at shutdown.
-        done.await.unwrap_or(Err(JobError::Shutdown))
+        inner.cells.wait(cell, permit).await
     }
 
     /// Refuse new jobs and wait (blocking) until every submitted one is complete.
@@ -323,12 +323,9 @@ impl Drop for Reaper {
 }
 
 impl Ring {
-    fn start(&mut self, pending: Pending) {
-        let idx = self.free.pop().unwrap_or_else(|| {
-            self.slots.push(None);
-            self.slots.len() - 1
-        });
-        self.slots[idx] = Some(Slot { pending, done: 0 });
+    /// Submit `job` in the slot of the cell its caller took.
+    fn start(&mut self, idx: usize, job: Job) {
+        self.slots[idx] = Some(Slot { job, done: 0 });
         self.in_flight += 1;
         self.submit_slot(idx);
     }
@@ -349,7 +346,7 @@ impl Ring {
     }
 
     fn entry(&self, idx: usize, slot: &Slot) -> Option<squeue::Entry> {
-        let job = &slot.pending.job;
+        let job = &slot.job;
         let len = (job.len - slot.done).min(MAX_CHUNK) as u32;
         let off = job.offset + slot.done;
         // done <= len <= buf.len(), so this stays inside the caller's buffer.
@@ -427,10 +424,9 @@ impl Ring {
     }
 
     fn finish(&mut self, idx: usize, result: JobResult) {
-        if let Some(slot) = self.slots.get_mut(idx).and_then(Option::take) {
+        if self.slots.get_mut(idx).and_then(Option::take).is_some() {
             self.in_flight -= 1;
-            self.free.push(idx);
-            let _ = slot.pending.reply.send(result);
+            self.cells.finish(idx, result);
         }
     }
 }
@@ -438,7 +434,7 @@ impl Ring {
 /// Account one CQE against its slot: finish on error, EOF or completion; resubmit the
 /// remainder of a short transfer.
 fn progress(slot: &mut Slot, res: i32) -> Next {
-    let job = &mut slot.pending.job;
+    let job = &mut slot.job;
     if res < 0 {
         return match job.kind {
             // Some filesystems lack ZERO_RANGE; a punched hole reads back as zeroes too.
@@ -474,30 +470,19 @@ mod tests {
     use super::*;
     use raidcore::IoBuf;
 
-    fn slot(kind: JobKind, len: u64) -> (Slot, oneshot::Receiver<JobResult>) {
-        let (reply, rx) = oneshot::channel();
+    fn slot(kind: JobKind, len: u64) -> Slot {
         let job = Job {
             kind,
             offset: 4096,
             len,
             buf: IoBuf::empty(),
         };
-        (
-            Slot {
-                pending: Pending {
-                    job,
-                    reply,
-                    _permit: Arc::new(Semaphore::new(1)).try_acquire_owned().unwrap(),
-                },
-                done: 0,
-            },
-            rx,
-        )
+        Slot { job, done: 0 }
     }
 
     #[test]
     fn short_transfers_are_resubmitted_until_complete() {
-        let (mut s, _rx) = slot(JobKind::Read, 12288);
+        let mut s = slot(JobKind::Read, 12288);
         assert!(matches!(progress(&mut s, 4096), Next::Resubmit));
         assert_eq!(s.done, 4096);
         assert!(matches!(progress(&mut s, 4096), Next::Resubmit));
@@ -508,7 +493,7 @@ mod tests {
     #[test]
     fn zero_bytes_is_eio_never_a_short_success() {
         for kind in [JobKind::Read, JobKind::Write { dsync: true }] {
-            let (mut s, _rx) = slot(kind, 8192);
+            let mut s = slot(kind, 8192);
             assert!(matches!(progress(&mut s, 4096), Next::Resubmit));
             assert!(matches!(
                 progress(&mut s, 0),
@@ -519,25 +504,25 @@ mod tests {
 
     #[test]
     fn negative_results_become_errnos() {
-        let (mut s, _rx) = slot(JobKind::Write { dsync: false }, 4096);
+        let mut s = slot(JobKind::Write { dsync: false }, 4096);
         assert!(matches!(
             progress(&mut s, -libc::ENOSPC),
             Next::Finish(Err(JobError::Errno(libc::ENOSPC)))
         ));
-        let (mut s, _rx) = slot(JobKind::Sync, 0);
+        let mut s = slot(JobKind::Sync, 0);
         assert!(matches!(progress(&mut s, 0), Next::Finish(Ok(()))));
     }
 
     #[test]
     fn unsupported_zero_range_falls_back_to_punching_a_hole() {
         let zero = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
-        let (mut s, _rx) = slot(JobKind::Fallocate(zero), 4096);
+        let mut s = slot(JobKind::Fallocate(zero), 4096);
         assert!(matches!(
             progress(&mut s, -libc::EOPNOTSUPP),
             Next::Resubmit
         ));
         let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-        assert_eq!(s.pending.job.kind, JobKind::Fallocate(punch));
+        assert_eq!(s.job.kind, JobKind::Fallocate(punch));
         // Punching unsupported too: report it, do not loop.
         assert!(matches!(
             progress(&mut s, -libc::EOPNOTSUPP),
