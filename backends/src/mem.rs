@@ -173,7 +173,7 @@ impl Member for MemMember {
     fn submit(&self, io: MemberIo) -> IoFuture<'_> {
         // Memory copies are fast enough to do inline; no task hop.
         let r = self.execute(io);
-        Box::pin(std::future::ready(r))
+        raidcore::io_future(std::future::ready(r))
     }
 
     /// A frontend receiving a write straight into the mapping saves the copy from its

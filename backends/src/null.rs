@@ -52,6 +52,6 @@ impl Member for NullMember {
             }
             Ok(())
         };
-        Box::pin(std::future::ready(r))
+        raidcore::io_future(std::future::ready(r))
     }
 }

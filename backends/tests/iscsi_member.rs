@@ -282,14 +282,15 @@ async fn a_plugged_batch_of_commands_reaches_the_target_whole() {
             .enumerate()
             .map(|(i, d)| {
                 let buf = IoBuf::from_slice(d);
-                m.submit(io(
+                // Boxed to poll each in place (an IoFuture is not Unpin).
+                Box::pin(m.submit(io(
                     &m,
                     Op::Write,
                     i as u64 * LEN as u64,
                     LEN as u64,
                     false,
                     buf,
-                ))
+                )))
             })
             .collect();
         {

@@ -219,7 +219,8 @@ async fn a_plugged_batch_stays_on_one_connection_and_batches_alternate() {
             .enumerate()
             .map(|(i, d)| {
                 let at = i as u64 * 4096;
-                m.submit(io(&m, Op::Write, at, 4096, false, IoBuf::from_slice(d)))
+                // Boxed to poll each in place (an IoFuture is not Unpin).
+                Box::pin(m.submit(io(&m, Op::Write, at, 4096, false, IoBuf::from_slice(d))))
             })
             .collect();
         let waker = futures::task::noop_waker();

@@ -22,6 +22,7 @@ pub use error::{IoError, IoResult};
 pub use io::{Class, Flags, FrontIo, IoBuf, MemberIo, Op, Proto, Tag};
 pub use level::LevelKind;
 pub use member::{
-    check_request, Caps, FaultReason, IoFuture, Member, MemberInfo, MemberSlot, MemberState,
+    check_request, io_future, io_future_boxed, Caps, FaultReason, IoFuture, Member, MemberInfo,
+    MemberSlot, MemberState,
 };
 pub use rebuild::RebuildError;

@@ -53,7 +53,7 @@ impl Member for Knobbed {
     }
 
     fn submit(&self, io: MemberIo) -> IoFuture<'_> {
-        Box::pin(async move {
+        raidcore::io_future_boxed(async move {
             if io.tag.op == Op::Read {
                 let d = self.read_delay_ms.load(Ordering::Relaxed);
                 if d > 0 {

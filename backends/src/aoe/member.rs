@@ -152,7 +152,7 @@ impl Member for AoeMember {
     }
 
     fn submit(&self, io: MemberIo) -> IoFuture<'_> {
-        Box::pin(self.perform(io))
+        raidcore::io_future(self.perform(io))
     }
 
     fn close(&self) {

@@ -328,7 +328,7 @@ impl Member for IscsiMember {
     }
 
     fn submit(&self, io: MemberIo) -> IoFuture<'_> {
-        Box::pin(self.perform(io))
+        raidcore::io_future_boxed(self.perform(io))
     }
 
     /// Log out (bounded) and stop the supervisor. Idempotent.

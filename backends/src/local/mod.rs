@@ -258,7 +258,7 @@ impl Member for LocalMember {
     }
 
     fn submit(&self, io: MemberIo) -> IoFuture<'_> {
-        Box::pin(self.perform(io))
+        raidcore::io_future(self.perform(io))
     }
 
     /// Stop the ring (waiting for its in-flight I/O to complete). Idempotent;

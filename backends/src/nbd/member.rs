@@ -308,7 +308,7 @@ impl Member for NbdMember {
     }
 
     fn submit(&self, io: MemberIo) -> IoFuture<'_> {
-        Box::pin(self.perform(io))
+        raidcore::io_future_boxed(self.perform(io))
     }
 
     /// NBD_CMD_DISC on each connection, stop the supervisors. Idempotent.
