@@ -1,7 +1,8 @@
 //! The hot path makes no heap allocation per I/O: fio (a separate process) drives the NBD
-//! server in this process over raid1 of two local files, over a null member and over a mem member, while a
-//! counting global allocator sees every allocation this process makes. Connection set-up
-//! allocates (negotiation, the connection's task and buffers); a request must not.
+//! server in this process over a null member, a mem member and raid1 of two local files,
+//! while a counting global allocator sees every allocation this process makes.
+//! Connection set-up allocates (negotiation, the connection's task and buffers); a
+//! request must not.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::path::Path;
