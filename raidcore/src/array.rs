@@ -511,23 +511,25 @@ impl Array {
 
     /// Read a piece from its best healthy copy, falling back to the others.
     pub(crate) async fn read_piece(&self, piece: &Piece, buf: IoBuf) -> IoResult {
-        let mut order: smallvec::SmallVec<[Copy; 4]> = piece
+        // Prefer local members, then the least busy; each key is worked out once, from
+        // the slot (no member() lock and reference count per comparison).
+        let mut order: smallvec::SmallVec<[((bool, u64), Copy); 4]> = piece
             .copies
             .iter()
-            .copied()
             .filter(|c| self.members[c.member].is_healthy())
+            .map(|&c| {
+                let m = &self.members[c.member];
+                (
+                    (m.is_remote(), m.stats.in_flight.load(Ordering::Relaxed)),
+                    c,
+                )
+            })
             .collect();
-        // Prefer local members, then the least busy.
-        order.sort_by_key(|c| {
-            let m = &self.members[c.member];
-            (
-                m.member().info().class != Class::Local,
-                m.stats.in_flight.load(Ordering::Relaxed),
-            )
-        });
+        // Stable: among equals the piece's own order stands.
+        order.sort_by_key(|&(key, _)| key);
         let redundant = piece.copies.len() > 1;
         let mut last = None;
-        for c in order {
+        for (_, c) in order {
             match self.member_io(c, Op::Read, buf, false).await {
                 Ok(()) => return Ok(()),
                 Err(e) => {
@@ -799,31 +801,42 @@ impl Array {
 
     /// One I/O to one member, through the queue, with capability emulation.
     pub(crate) async fn member_io(&self, c: Copy, op: Op, buf: IoBuf, fua: bool) -> IoResult {
-        let slot = &self.members[c.member];
-        let caps = slot.member().info().caps;
+        // Taken once for the whole I/O: each take is a lock and a reference count that
+        // both worker threads touch.
+        let member = self.members[c.member].member();
+        let m = &*member;
+        let caps = m.info().caps;
         match op {
             Op::Flush if !caps.flush => return Ok(()),
             Op::Trim if !caps.discard => return Ok(()),
             Op::WriteZeroes if !caps.write_zeroes => {
-                return self.zero_by_writing(c, buf.len() as u64, fua).await;
+                return self.zero_by_writing(m, c, buf.len() as u64, fua).await;
             }
             _ => {}
         }
-        self.dispatch_fua(c, op, buf, fua).await
+        self.dispatch_fua(m, c, op, buf, fua).await
     }
 
     /// Dispatch, then flush if FUA was asked of a member that has no native FUA.
-    async fn dispatch_fua(&self, c: Copy, op: Op, buf: IoBuf, fua: bool) -> IoResult {
-        let caps = self.members[c.member].member().info().caps;
-        self.dispatch(c, op, buf, fua && caps.fua).await?;
+    async fn dispatch_fua(
+        &self,
+        m: &dyn Member,
+        c: Copy,
+        op: Op,
+        buf: IoBuf,
+        fua: bool,
+    ) -> IoResult {
+        let caps = m.info().caps;
+        self.dispatch(m, c, op, buf, fua && caps.fua).await?;
         if fua && !caps.fua && caps.flush {
-            self.dispatch(c, Op::Flush, IoBuf::empty(), false).await?;
+            self.dispatch(m, c, Op::Flush, IoBuf::empty(), false)
+                .await?;
         }
         Ok(())
     }
 
     /// Emulate write-zeroes with ordinary writes of a zeroed pool buffer.
-    async fn zero_by_writing(&self, c: Copy, len: u64, fua: bool) -> IoResult {
+    async fn zero_by_writing(&self, m: &dyn Member, c: Copy, len: u64, fua: bool) -> IoResult {
         let step = len.min(1 << 20) as usize;
         let mut zeroes = self
             .pool
@@ -838,7 +851,7 @@ impl Array {
                 member: c.member,
                 offset: c.offset + done,
             };
-            self.dispatch_fua(at, Op::Write, IoBuf::from_slice(&mut zeroes[..n]), fua)
+            self.dispatch_fua(m, at, Op::Write, IoBuf::from_slice(&mut zeroes[..n]), fua)
                 .await?;
             done += n as u64;
         }
@@ -846,10 +859,9 @@ impl Array {
     }
 
     /// Tag the I/O, wait for a queue slot, submit, count.
-    async fn dispatch(&self, c: Copy, op: Op, buf: IoBuf, fua: bool) -> IoResult {
+    async fn dispatch(&self, m: &dyn Member, c: Copy, op: Op, buf: IoBuf, fua: bool) -> IoResult {
         let slot = &self.members[c.member];
-        let member = slot.member();
-        let info = member.info();
+        let info = m.info();
         let len = buf.len() as u64;
         let tag = Tag {
             id: next_tag_id(),
@@ -871,7 +883,7 @@ impl Array {
         };
         let _slot = self.queue.admit(tag).await;
         slot.stats.in_flight.fetch_add(1, Ordering::Relaxed);
-        let r = member.submit(MemberIo { tag, buf: data }).await;
+        let r = m.submit(MemberIo { tag, buf: data }).await;
         slot.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
         match &r {
             Ok(()) => {

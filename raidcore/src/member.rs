@@ -2,7 +2,7 @@
 //! member of an array: its health, its fault reason and its counters.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use serde::Serialize;
@@ -225,15 +225,36 @@ pub struct MemberSlot {
     pub stats: MemberStats,
     pub rebuild: RebuildProgress,
     state: Mutex<MemberState>,
+    /// `state` in brief (HEALTHY, REBUILDING or FAULTY), written under its lock and read
+    /// without one: every I/O asks whether a copy serves reads or takes writes, and a
+    /// lock taken by both worker threads costs each of them the cache line's round trip.
+    health: AtomicU8,
+    /// The member's class is not Local: kept here for read balancing, which asks on
+    /// every read (see `health`); follows `replace`.
+    remote: AtomicBool,
+}
+
+const HEALTHY: u8 = 0;
+const REBUILDING: u8 = 1;
+const FAULTY: u8 = 2;
+
+fn health_of(s: &MemberState) -> u8 {
+    match s {
+        MemberState::Healthy => HEALTHY,
+        MemberState::Rebuilding => REBUILDING,
+        MemberState::Faulty(_) => FAULTY,
+    }
 }
 
 impl MemberSlot {
     pub fn new(member: Arc<dyn Member>) -> Self {
         MemberSlot {
-            member: RwLock::new(member),
             stats: MemberStats::default(),
             rebuild: RebuildProgress::default(),
             state: Mutex::new(MemberState::Healthy),
+            health: AtomicU8::new(HEALTHY),
+            remote: AtomicBool::new(member.info().class != Class::Local),
+            member: RwLock::new(member),
         }
     }
 
@@ -246,10 +267,15 @@ impl MemberSlot {
 
     /// Put a new member in this slot; returns the old one.
     pub fn replace(&self, m: Arc<dyn Member>) -> Arc<dyn Member> {
-        std::mem::replace(
-            &mut *self.member.write().unwrap_or_else(|e| e.into_inner()),
-            m,
-        )
+        let mut slot = self.member.write().unwrap_or_else(|e| e.into_inner());
+        self.remote
+            .store(m.info().class != Class::Local, Ordering::Relaxed);
+        std::mem::replace(&mut *slot, m)
+    }
+
+    /// The member in this slot is not a local one.
+    pub fn is_remote(&self) -> bool {
+        self.remote.load(Ordering::Relaxed)
     }
 
     pub fn state(&self) -> MemberState {
@@ -257,17 +283,19 @@ impl MemberSlot {
     }
 
     pub fn set_state(&self, s: MemberState) {
-        *self.state.lock().unwrap_or_else(|e| e.into_inner()) = s;
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        self.health.store(health_of(&s), Ordering::Release);
+        *st = s;
     }
 
     /// Serves reads and counts as a copy of the data.
     pub fn is_healthy(&self) -> bool {
-        matches!(self.state(), MemberState::Healthy)
+        self.health.load(Ordering::Acquire) == HEALTHY
     }
 
     /// Receives writes: healthy, or being rebuilt.
     pub fn takes_writes(&self) -> bool {
-        matches!(self.state(), MemberState::Healthy | MemberState::Rebuilding)
+        self.health.load(Ordering::Acquire) != FAULTY
     }
 
     /// Mark faulty; returns true if this call took it out of service.
@@ -275,6 +303,7 @@ impl MemberSlot {
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if matches!(*st, MemberState::Healthy | MemberState::Rebuilding) {
             *st = MemberState::Faulty(reason);
+            self.health.store(FAULTY, Ordering::Release);
             true
         } else {
             false
