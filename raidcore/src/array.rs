@@ -505,8 +505,10 @@ impl Array {
         if pieces.len() == 1 {
             return self.read_piece(&pieces[0], buf).await;
         }
-        let results = join_all(pieces.iter().map(|p| self.read_piece(p, sub(buf, p)))).await;
-        results.into_iter().collect()
+        // Boxed: inline, four pieces' futures would make every read's future four times
+        // larger (see join.rs), and a request that crosses chunks is the rarer one.
+        let all = join_all::<4, _, _>(pieces.iter().map(|p| self.read_piece(p, sub(buf, p))));
+        Box::pin(all).await.into_iter().collect()
     }
 
     /// Read a piece from its best healthy copy, falling back to the others.
@@ -534,7 +536,9 @@ impl Array {
                 Ok(()) => return Ok(()),
                 Err(e) => {
                     if redundant {
-                        self.fault(c.member, FaultReason::from_error(&e)).await;
+                        // Boxed: a fault writes superblocks, a large future for a rare
+                        // path that every read's future would otherwise make room for.
+                        Box::pin(self.fault(c.member, FaultReason::from_error(&e))).await;
                     }
                     last = Some(e);
                 }
@@ -557,13 +561,13 @@ impl Array {
         if pieces.len() == 1 {
             return self.write_piece(&pieces[0], buf, op, fua).await;
         }
-        let results = join_all(
+        // Boxed, as in read_aligned.
+        let all = join_all::<4, _, _>(
             pieces
                 .iter()
                 .map(|p| self.write_piece(p, sub(buf, p), op, fua)),
-        )
-        .await;
-        results.into_iter().collect()
+        );
+        Box::pin(all).await.into_iter().collect()
     }
 
     /// Write a piece to every copy that takes writes (healthy or rebuilding). It succeeds
@@ -585,7 +589,9 @@ impl Array {
         if targets.len() == 1 {
             return self.member_io(targets[0], op, buf, fua).await;
         }
-        let results = join_all(targets.iter().map(|&c| self.member_io(c, op, buf, fua))).await;
+        // Two inline: a two-way mirror is the common case; more copies spill once.
+        let results =
+            join_all::<2, _, _>(targets.iter().map(|&c| self.member_io(c, op, buf, fua))).await;
         let healthy_ok = targets
             .iter()
             .zip(&results)
@@ -601,7 +607,7 @@ impl Array {
         }
         for (c, r) in targets.iter().zip(results) {
             if let Err(e) = r {
-                self.fault(c.member, FaultReason::from_error(&e)).await;
+                Box::pin(self.fault(c.member, FaultReason::from_error(&e))).await;
             }
         }
         Ok(())
@@ -616,13 +622,12 @@ impl Array {
             return Ok(());
         }
         let pieces = self.map(start, end - start);
-        let results = join_all(
+        let all = join_all::<4, _, _>(
             pieces
                 .iter()
                 .map(|p| self.write_piece(p, empty_of(p.len), Op::Trim, false)),
-        )
-        .await;
-        results.into_iter().collect()
+        );
+        Box::pin(all).await.into_iter().collect()
     }
 
     /// Zero a range: whole blocks through the members' write-zeroes, unaligned edges by
@@ -645,13 +650,12 @@ impl Array {
             self.zero_edge(in_end, end - in_end, flags.fua).await?;
         }
         let pieces = self.map(in_start, in_end - in_start);
-        let results = join_all(
+        let all = join_all::<4, _, _>(
             pieces
                 .iter()
                 .map(|p| self.write_piece(p, empty_of(p.len), Op::WriteZeroes, flags.fua)),
-        )
-        .await;
-        results.into_iter().collect()
+        );
+        Box::pin(all).await.into_iter().collect()
     }
 
     async fn zero_edge(&self, offset: u64, len: u64, fua: bool) -> IoResult {
@@ -667,7 +671,9 @@ impl Array {
         let live: Vec<usize> = (0..self.members.len())
             .filter(|&i| self.members[i].is_healthy())
             .collect();
-        let results = join_all(live.iter().map(|&i| {
+        // Boxed: a flush already allocates (`live`), and every request's future would
+        // otherwise carry room for four members' I/O in flight (see join.rs).
+        let results = Box::pin(join_all::<4, _, _>(live.iter().map(|&i| {
             self.member_io(
                 Copy {
                     member: i,
@@ -677,7 +683,7 @@ impl Array {
                 IoBuf::empty(),
                 false,
             )
-        }))
+        })))
         .await;
         let mut failed: Vec<bool> = self.members.iter().map(|m| !m.is_healthy()).collect();
         let mut first_err = None;
@@ -810,7 +816,8 @@ impl Array {
             Op::Flush if !caps.flush => return Ok(()),
             Op::Trim if !caps.discard => return Ok(()),
             Op::WriteZeroes if !caps.write_zeroes => {
-                return self.zero_by_writing(m, c, buf.len() as u64, fua).await;
+                // Boxed: emulated zeroing is rare and its future large.
+                return Box::pin(self.zero_by_writing(m, c, buf.len() as u64, fua)).await;
             }
             _ => {}
         }
