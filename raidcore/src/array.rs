@@ -558,15 +558,22 @@ impl Array {
         // for a copy in progress (see rebuild.rs).
         let _gate = self.resync_gate.read().await;
         let pieces = self.map(offset, buf.len() as u64);
+        self.write_pieces(&pieces, |p| sub(buf, p), op, fua).await
+    }
+
+    /// Write every piece with its buffer: one directly, several through a boxed join
+    /// (as in read_aligned).
+    async fn write_pieces(
+        &self,
+        pieces: &Pieces,
+        buf: impl Fn(&Piece) -> IoBuf,
+        op: Op,
+        fua: bool,
+    ) -> IoResult {
         if pieces.len() == 1 {
-            return self.write_piece(&pieces[0], buf, op, fua).await;
+            return self.write_piece(&pieces[0], buf(&pieces[0]), op, fua).await;
         }
-        // Boxed, as in read_aligned.
-        let all = join_all::<4, _, _>(
-            pieces
-                .iter()
-                .map(|p| self.write_piece(p, sub(buf, p), op, fua)),
-        );
+        let all = join_all::<4, _, _>(pieces.iter().map(|p| self.write_piece(p, buf(p), op, fua)));
         Box::pin(all).await.into_iter().collect()
     }
 
@@ -622,12 +629,8 @@ impl Array {
             return Ok(());
         }
         let pieces = self.map(start, end - start);
-        let all = join_all::<4, _, _>(
-            pieces
-                .iter()
-                .map(|p| self.write_piece(p, empty_of(p.len), Op::Trim, false)),
-        );
-        Box::pin(all).await.into_iter().collect()
+        self.write_pieces(&pieces, |p| empty_of(p.len), Op::Trim, false)
+            .await
     }
 
     /// Zero a range: whole blocks through the members' write-zeroes, unaligned edges by
@@ -650,12 +653,8 @@ impl Array {
             self.zero_edge(in_end, end - in_end, flags.fua).await?;
         }
         let pieces = self.map(in_start, in_end - in_start);
-        let all = join_all::<4, _, _>(
-            pieces
-                .iter()
-                .map(|p| self.write_piece(p, empty_of(p.len), Op::WriteZeroes, flags.fua)),
-        );
-        Box::pin(all).await.into_iter().collect()
+        self.write_pieces(&pieces, |p| empty_of(p.len), Op::WriteZeroes, flags.fua)
+            .await
     }
 
     async fn zero_edge(&self, offset: u64, len: u64, fua: bool) -> IoResult {
