@@ -78,11 +78,12 @@ pub fn ratios(job: &Job, uniblk: &Figures, peer: &Figures) -> (Option<f64>, Opti
     (main, cpu)
 }
 
-const HEADER: [&str; 11] = [
+const HEADER: [&str; 12] = [
     "group",
     "system",
     "job",
     "result",
+    "spread",
     "lat mean",
     "lat p99",
     "CPU s",
@@ -103,6 +104,8 @@ fn cells(row: &Row) -> Vec<String> {
     match &s.outcome {
         Ok(f) => c.extend([
             main_text(&s.job, f),
+            s.spread()
+                .map_or("".into(), |v| format!("{:.0}%", v * 100.0)),
             micros(f.m.clat_mean_us),
             micros(f.m.clat_p99_us),
             f.cpu_s.map_or("-".into(), |v| format!("{v:.2}")),
@@ -110,6 +113,7 @@ fn cells(row: &Row) -> Vec<String> {
         ]),
         Err(e) => c.extend([
             format!("FAILED: {}", first_line(e)),
+            "".into(),
             "".into(),
             "".into(),
             "".into(),
@@ -474,7 +478,8 @@ pub fn markdown(info: &RunInfo, results: &Results, rows: &[Row]) -> String {
         "Measured {} on {} ({} cores, Linux {}), commit `{}`{}, {}, a {} run \
          ({} ms per job after a {} ms warm-up, {} MiB working set). \
          Ratios are uniblk / peer: above 1.0 uniblk is faster; for CPU/IO below 1.0 it uses \
-         less server CPU per I/O.{}\n\n",
+         less server CPU per I/O. A system measured in several interleaved rounds shows \
+         the median round; spread is (highest - lowest) / median of its rounds.{}\n\n",
         info.date,
         info.cpu_model,
         info.nproc,
@@ -544,6 +549,8 @@ fn row_json(row: &Row) -> Value {
     match &s.outcome {
         Ok(f) => {
             v["value"] = json!(f.m.main(&s.job));
+            v["rounds"] = json!(s.rounds);
+            v["spread"] = json!(s.spread());
             v["iops"] = json!(f.m.iops);
             v["mib_s"] = json!(f.m.bytes_per_sec / (1u64 << 20) as f64);
             v["clat_mean_us"] = json!(f.m.clat_mean_us);
@@ -618,6 +625,7 @@ mod tests {
             system,
             job,
             outcome: fig,
+            rounds: Vec::new(),
         }
     }
 

@@ -45,7 +45,7 @@ impl Plan {
     }
 
     /// 54 jobs of about 10.5 s, three rounds of those of the target-carrying groups, and
-    /// the remote group's: about 22 minutes in all.
+    /// the remote group's: about 31 minutes in all.
     pub fn full() -> Self {
         Self {
             quick: false,
@@ -101,6 +101,23 @@ pub struct Sample {
     pub system: System,
     pub job: Job,
     pub outcome: Result<Figures, String>,
+    /// The main figure of every measured round, in the order they ran (empty when one
+    /// failed): the median is `outcome`, the spread shows how much this machine moved.
+    pub rounds: Vec<f64>,
+}
+
+impl Sample {
+    /// How far the rounds lay apart: (highest - lowest) / median of the main figure, for
+    /// a sample of more than one round.
+    pub fn spread(&self) -> Option<f64> {
+        if self.rounds.len() < 2 {
+            return None;
+        }
+        let mut v = self.rounds.clone();
+        v.sort_by(f64::total_cmp);
+        let mid = v[v.len() / 2];
+        (mid > 0.0).then(|| (v[v.len() - 1] - v[0]) / mid)
+    }
 }
 
 /// What was seen of a system as a whole.
@@ -224,6 +241,7 @@ fn bench_group(work: &[&(System, Vec<Job>)], env: &Env, plan: &Plan, out: &mut R
             out.samples.push(Sample {
                 system: *sys,
                 job: *job,
+                rounds: round_figures(&got, job),
                 outcome: median(got, job),
             });
         }
@@ -243,6 +261,14 @@ fn median(mut runs: Vec<Result<Figures, String>>, job: &Job) -> Result<Figures, 
     Ok(ok[ok.len() / 2])
 }
 
+/// Each round's main figure, or none if any round failed.
+fn round_figures(runs: &[Result<Figures, String>], job: &Job) -> Vec<f64> {
+    runs.iter()
+        .map(|r| r.as_ref().ok().map(|f| f.m.main(job)))
+        .collect::<Option<Vec<f64>>>()
+        .unwrap_or_default()
+}
+
 /// Records a system that did not start: each of its jobs fails with the reason.
 fn not_started(sys: &System, jobs: &[Job], msg: &str, out: &mut Results) {
     eprintln!("bench: {}/{}: {msg}", sys.group, sys.name);
@@ -250,6 +276,7 @@ fn not_started(sys: &System, jobs: &[Job], msg: &str, out: &mut Results) {
         system: *sys,
         job: *j,
         outcome: Err(format!("not run: {msg}")),
+        rounds: Vec::new(),
     }));
     out.systems.push(SystemReport {
         system: *sys,
@@ -410,5 +437,30 @@ mod tests {
         assert_eq!(median(vec![Ok(figures(5.0))], job).unwrap().m.iops, 5.0);
         let failed = vec![Ok(figures(1.0)), Err("fio failed".to_string())];
         assert_eq!(median(failed, job).unwrap_err(), "fio failed");
+    }
+
+    #[test]
+    fn spread_is_the_range_of_the_rounds_over_their_median() {
+        let job = *JOBS
+            .iter()
+            .find(|j| j.name == "randread-4k-qd32x2")
+            .unwrap();
+        let runs = vec![Ok(figures(97.0)), Ok(figures(131.0)), Ok(figures(120.0))];
+        let sample = |rounds| Sample {
+            system: SYSTEMS[0],
+            job,
+            outcome: Ok(figures(120.0)),
+            rounds,
+        };
+        let s = sample(round_figures(&runs, &job));
+        assert_eq!(s.rounds, [97.0, 131.0, 120.0], "every round, in order");
+        assert!((s.spread().unwrap() - 34.0 / 120.0).abs() < 1e-9);
+        assert_eq!(
+            sample(vec![120.0]).spread(),
+            None,
+            "one round has no spread"
+        );
+        let failed = vec![Ok(figures(1.0)), Err("fio failed".to_string())];
+        assert!(round_figures(&failed, &job).is_empty());
     }
 }
