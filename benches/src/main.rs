@@ -89,9 +89,13 @@ fn bench(a: &Args) -> Result<bool> {
     write_outputs(&a.out, &info, &results, &rows)?;
     let failures = results.failures();
     println!(
-        "{} jobs in {:.0} s{}",
+        "{} jobs in {:.0} s{}{}",
         results.samples.len(),
         results.elapsed.as_secs_f64(),
+        results.steal.map_or(String::new(), |v| format!(
+            ", {:.0}% of the machine's CPU time stolen by the hypervisor",
+            v * 100.0
+        )),
         match failures {
             0 => String::new(),
             n => format!(", {n} FAILED"),

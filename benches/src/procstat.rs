@@ -1,4 +1,5 @@
-//! A server's CPU time and peak memory, from /proc.
+//! A server's CPU time and peak memory, and the time the hypervisor took from this
+//! machine (steal), from /proc.
 
 use anyhow::{Context, Result};
 
@@ -30,6 +31,42 @@ fn clock_ticks_per_sec() -> f64 {
     }
 }
 
+/// The machine's CPU time so far, all CPUs together, in clock ticks: how much of it the
+/// hypervisor gave to others (steal), and the total.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HostTicks {
+    pub steal: u64,
+    pub total: u64,
+}
+
+pub fn host_ticks() -> Result<HostTicks> {
+    let stat = std::fs::read_to_string("/proc/stat").context("cannot read /proc/stat")?;
+    parse_host_ticks(&stat).with_context(|| "no 'cpu' line with a steal field in /proc/stat")
+}
+
+/// The steal share of the CPU time between two readings, if any time passed.
+pub fn steal_share(before: HostTicks, after: HostTicks) -> Option<f64> {
+    let total = after.total.checked_sub(before.total)?;
+    let steal = after.steal.checked_sub(before.steal)?;
+    (total > 0).then(|| steal as f64 / total as f64)
+}
+
+/// The first line of /proc/stat: `cpu user nice system idle iowait irq softirq steal ...`
+/// (guest time is already inside user and nice, so it is not added again).
+fn parse_host_ticks(stat: &str) -> Option<HostTicks> {
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .map(|f| f.parse().ok())
+        .collect::<Option<_>>()?;
+    (v.len() == 8).then(|| HostTicks {
+        steal: v[7],
+        total: v.iter().sum(),
+    })
+}
+
 /// Peak resident memory (VmHWM) of `pid`, in KiB.
 pub fn peak_rss_kib(pid: u32) -> Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -56,6 +93,26 @@ mod tests {
     fn vm_hwm_is_read_in_kib() {
         let status = "Name:\tublkd\nVmPeak:\t  99999 kB\nVmHWM:\t   12345 kB\nVmRSS:\t 100 kB\n";
         assert_eq!(parse_vm_hwm(status), Some(12345));
+    }
+
+    #[test]
+    fn steal_is_the_eighth_field_of_the_cpu_line() {
+        let stat =
+            "cpu  1514568 0 493429 11084791 39518 0 23987 75564 0 0\ncpu0 1 2 3 4 5 6 7 8 0 0\n";
+        let t = parse_host_ticks(stat).unwrap();
+        assert_eq!(t.steal, 75564);
+        assert_eq!(t.total, 1514568 + 493429 + 11084791 + 39518 + 23987 + 75564);
+        let later = HostTicks {
+            steal: t.steal + 25,
+            total: t.total + 100,
+        };
+        assert_eq!(steal_share(t, later), Some(0.25));
+        assert_eq!(steal_share(t, t), None, "no time passed");
+        assert_eq!(
+            parse_host_ticks("cpu 1 2 3\n"),
+            None,
+            "a kernel without steal"
+        );
     }
 
     #[test]

@@ -78,12 +78,13 @@ pub fn ratios(job: &Job, uniblk: &Figures, peer: &Figures) -> (Option<f64>, Opti
     (main, cpu)
 }
 
-const HEADER: [&str; 12] = [
+const HEADER: [&str; 13] = [
     "group",
     "system",
     "job",
     "result",
     "spread",
+    "steal",
     "lat mean",
     "lat p99",
     "CPU s",
@@ -104,8 +105,8 @@ fn cells(row: &Row) -> Vec<String> {
     match &s.outcome {
         Ok(f) => c.extend([
             main_text(&s.job, f),
-            s.spread()
-                .map_or("".into(), |v| format!("{:.0}%", v * 100.0)),
+            s.spread().map_or("".into(), percent),
+            f.steal.map_or("-".into(), percent),
             micros(f.m.clat_mean_us),
             micros(f.m.clat_p99_us),
             f.cpu_s.map_or("-".into(), |v| format!("{v:.2}")),
@@ -113,6 +114,7 @@ fn cells(row: &Row) -> Vec<String> {
         ]),
         Err(e) => c.extend([
             format!("FAILED: {}", first_line(e)),
+            "".into(),
             "".into(),
             "".into(),
             "".into(),
@@ -127,6 +129,10 @@ fn cells(row: &Row) -> Vec<String> {
     c.push(row.ratio.map_or("".into(), |r| format!("{r:.2}x")));
     c.push(row.cpu_ratio.map_or("".into(), |r| format!("{r:.2}x")));
     c
+}
+
+fn percent(v: f64) -> String {
+    format!("{:.0}%", v * 100.0)
 }
 
 fn main_text(job: &Job, f: &Figures) -> String {
@@ -479,7 +485,9 @@ pub fn markdown(info: &RunInfo, results: &Results, rows: &[Row]) -> String {
          ({} ms per job after a {} ms warm-up, {} MiB working set). \
          Ratios are uniblk / peer: above 1.0 uniblk is faster; for CPU/IO below 1.0 it uses \
          less server CPU per I/O. A system measured in several interleaved rounds shows \
-         the median round; spread is (highest - lowest) / median of its rounds.{}\n\n",
+         the median round; spread is (highest - lowest) / median of its rounds; \
+         steal is the share of the machine's CPU time the hypervisor gave to other guests \
+         during the (median) measured run{}.{}\n\n",
         info.date,
         info.cpu_model,
         info.nproc,
@@ -495,6 +503,10 @@ pub fn markdown(info: &RunInfo, results: &Results, rows: &[Row]) -> String {
         results.plan.runtime.as_millis(),
         results.plan.warmup.as_millis(),
         results.plan.size >> 20,
+        results.steal.map_or(String::new(), |v| format!(
+            ", {} over the whole run",
+            percent(v)
+        )),
         results
             .filter
             .as_ref()
@@ -521,6 +533,7 @@ pub fn json(info: &RunInfo, results: &Results, rows: &[Row]) -> Value {
         "warmup_s": results.plan.warmup.as_secs_f64(),
         "working_set_bytes": results.plan.size,
         "elapsed_s": results.elapsed.as_secs_f64(),
+        "steal": results.steal,
         "systems": results.systems.iter().map(|s| json!({
             "group": s.system.group,
             "system": s.system.name,
@@ -551,6 +564,7 @@ fn row_json(row: &Row) -> Value {
             v["value"] = json!(f.m.main(&s.job));
             v["rounds"] = json!(s.rounds);
             v["spread"] = json!(s.spread());
+            v["steal"] = json!(f.steal);
             v["iops"] = json!(f.m.iops);
             v["mib_s"] = json!(f.m.bytes_per_sec / (1u64 << 20) as f64);
             v["clat_mean_us"] = json!(f.m.clat_mean_us);
@@ -587,6 +601,7 @@ mod tests {
             },
             cpu_s: Some(cpu_s),
             disk: None,
+            steal: None,
         }
     }
 
@@ -636,6 +651,7 @@ mod tests {
             samples,
             systems: Vec::new(),
             elapsed: std::time::Duration::ZERO,
+            steal: None,
         }
     }
 

@@ -12,7 +12,7 @@ use crate::diskstat::{self, Disk, DiskFigures};
 use crate::jobs::{
     fio_args, iscsi_perf, parse_report, prefill_args, Job, Measured, Region, Target, JOBS,
 };
-use crate::procstat::{cpu_seconds, peak_rss_kib};
+use crate::procstat::{cpu_seconds, host_ticks, peak_rss_kib, steal_share};
 use crate::systems::{self, Env, Running, System, DATA_OFFSET, SYSTEMS};
 
 /// The shortest measured run of a rate-capped server in a quick pass.
@@ -87,6 +87,10 @@ pub struct Figures {
     /// The disk under the member files during the measured run, for the systems that
     /// serve them; `None` elsewhere or when the disk did no I/O.
     pub disk: Option<DiskFigures>,
+    /// The share of the machine's CPU time the hypervisor took during the measured run:
+    /// the figures of a run with much steal say more about the neighbours than the
+    /// system.
+    pub steal: Option<f64>,
 }
 
 impl Figures {
@@ -138,6 +142,8 @@ pub struct Results {
     pub samples: Vec<Sample>,
     pub systems: Vec<SystemReport>,
     pub elapsed: Duration,
+    /// The steal share of the machine's CPU time over the whole run.
+    pub steal: Option<f64>,
 }
 
 impl Results {
@@ -162,12 +168,14 @@ pub fn selected_jobs(sys: &System, filter: Option<&str>) -> Vec<Job> {
 /// Runs every selected job on every system that has one.
 pub fn run(daemon_bin: &Path, plan: Plan, filter: Option<&str>) -> Result<Results> {
     let start = Instant::now();
+    let host_start = host_ticks().ok();
     let mut out = Results {
         plan,
         filter: filter.map(String::from),
         samples: Vec::new(),
         systems: Vec::new(),
         elapsed: Duration::ZERO,
+        steal: None,
     };
     let work: Vec<(System, Vec<Job>)> = SYSTEMS
         .iter()
@@ -194,6 +202,9 @@ pub fn run(daemon_bin: &Path, plan: Plan, filter: Option<&str>) -> Result<Result
         bench_group(&members, &env, &plan, &mut out);
     }
     out.elapsed = start.elapsed();
+    out.steal = host_start
+        .zip(host_ticks().ok())
+        .and_then(|(b, a)| steal_share(b, a));
     Ok(out)
 }
 
@@ -330,11 +341,16 @@ fn measure(sys: &System, running: &Running, job: &Job, plan: &Plan) -> Result<Fi
     let (target, region) = (&running.target, running.region);
     if let Target::Iscsi { url } = target {
         iscsi_perf(job, url, plan.warmup).context("warm-up")?;
+        let before = host_ticks().ok();
         let m = iscsi_perf(job, url, plan.runtime)?;
+        let steal = before
+            .zip(host_ticks().ok())
+            .and_then(|(b, a)| steal_share(b, a));
         return Ok(Figures {
             m,
             cpu_s: None,
             disk: None,
+            steal,
         });
     }
     run_fio(&fio_args(job, target, region, plan.warmup)).context("warm-up")?;
@@ -342,6 +358,7 @@ fn measure(sys: &System, running: &Running, job: &Job, plan: &Plan) -> Result<Fi
     let disk = || running.disk.as_ref().map(Disk::read).transpose();
     let before = cpu()?;
     let disk_before = disk()?;
+    let host_before = host_ticks().ok();
     // A quick pass takes fewer of a rate-capped server's slow requests.
     let floor = match plan.quick {
         true => sys.kind.min_runtime().min(QUICK_CAPPED),
@@ -351,12 +368,20 @@ fn measure(sys: &System, running: &Running, job: &Job, plan: &Plan) -> Result<Fi
     let report = run_fio(&fio_args(job, target, region, runtime))?;
     let after = cpu()?;
     let disk_after = disk()?;
+    let steal = host_before
+        .zip(host_ticks().ok())
+        .and_then(|(b, a)| steal_share(b, a));
     let m = parse_report(&report, job)?;
     let cpu_s = before.zip(after).map(|(b, a)| a - b);
     let disk = disk_before
         .zip(disk_after)
         .and_then(|(b, a)| diskstat::between(&b, &a));
-    Ok(Figures { m, cpu_s, disk })
+    Ok(Figures {
+        m,
+        cpu_s,
+        disk,
+        steal,
+    })
 }
 
 /// fio with a JSON report; a non-zero exit or a job error is a failure.
@@ -421,6 +446,7 @@ mod tests {
             },
             cpu_s: Some(iops),
             disk: None,
+            steal: None,
         }
     }
 
