@@ -23,14 +23,23 @@ const FONTS: [&str; 3] = [
     "/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf",
     "/usr/share/fonts/truetype/freefont/FreeSans.ttf",
 ];
-const COLORS: [RGBColor; 6] = [
+/// Ten distinct colours (matplotlib's tab10): one per series, none repeated in a full run.
+const COLORS: [RGBColor; 10] = [
     RGBColor(31, 119, 180),
     RGBColor(255, 127, 14),
     RGBColor(44, 160, 44),
     RGBColor(148, 103, 189),
     RGBColor(214, 39, 40),
     RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(127, 127, 127),
+    RGBColor(188, 189, 34),
+    RGBColor(23, 190, 207),
 ];
+/// Height of one legend line in pixels, and of the space around the plot (caption,
+/// margins, x labels), for keeping the legend clear of the bars.
+const LEGEND_LINE_PX: f64 = 20.0;
+const OUTSIDE_PLOT_PX: f64 = 110.0;
 
 /// One bar series: a peer in a group, with its ratio per job (JOBS order).
 struct Series {
@@ -127,11 +136,11 @@ type Chart<'a, 'b> =
 fn plot(root: &Area, title: &str, series: &[Series]) -> Result<()> {
     let stride = 2 * series.len() as i32 + 2;
     let width = stride * JOBS.len() as i32;
-    let top = series
+    let highest = series
         .iter()
         .flat_map(|s| s.ratios.iter().flatten())
-        .fold(1.0f64, |a, &b| a.max(b))
-        * 1.15;
+        .fold(1.0f64, |a, &b| a.max(b));
+    let top = y_top(highest, series.len());
     let mut chart = ChartBuilder::on(root)
         .caption(title, ("sans-serif", 22))
         .margin(16)
@@ -151,6 +160,15 @@ fn plot(root: &Area, title: &str, series: &[Series]) -> Result<()> {
         draw_bars(&mut chart, s, i, stride)?;
     }
     draw_parity_and_legend(&mut chart, width)
+}
+
+/// The top of the y axis: room above the highest bar (and its label) for the legend,
+/// which sits in the upper right corner with one line per series and one for 1.0.
+fn y_top(highest: f64, n_series: usize) -> f64 {
+    let plot_px = SIZE.1 as f64 - OUTSIDE_PLOT_PX;
+    let legend_px = (n_series as f64 + 1.0) * LEGEND_LINE_PX + 2.0 * LEGEND_LINE_PX;
+    let free = (1.0 - legend_px / plot_px).max(0.3);
+    highest * 1.08 / free
 }
 
 /// Series `i`'s bars, each with its value centred over it (a bar is two x units wide).
@@ -210,5 +228,25 @@ fn job_label(x: i32, stride: i32) -> String {
         JOBS[j].name.to_string()
     } else {
         String::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_legend_fits_above_the_highest_bar() {
+        let plot_px = SIZE.1 as f64 - OUTSIDE_PLOT_PX;
+        for (highest, n) in [(1.0, 1), (2.07, 10), (3.5, 6)] {
+            let top = y_top(highest, n);
+            let legend_px = (n as f64 + 3.0) * LEGEND_LINE_PX;
+            let legend_bottom = top * (1.0 - legend_px / plot_px);
+            assert!(
+                highest * 1.08 <= legend_bottom + 1e-9,
+                "{highest} with {n} series: bar top {} above legend {legend_bottom}",
+                highest * 1.08
+            );
+        }
     }
 }
