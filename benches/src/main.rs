@@ -93,8 +93,8 @@ fn bench(a: &Args) -> Result<bool> {
         results.samples.len(),
         results.elapsed.as_secs_f64(),
         results.steal.map_or(String::new(), |v| format!(
-            ", {:.0}% of the machine's CPU time stolen by the hypervisor",
-            v * 100.0
+            ", {} of the machine's CPU time stolen by the hypervisor",
+            report::percent(v)
         )),
         match failures {
             0 => String::new(),

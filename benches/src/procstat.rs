@@ -44,6 +44,12 @@ pub fn host_ticks() -> Result<HostTicks> {
     parse_host_ticks(&stat).with_context(|| "no 'cpu' line with a steal field in /proc/stat")
 }
 
+/// The steal share since `before` (a reading that may have failed), if both readings
+/// worked and any time passed.
+pub fn steal_since(before: Option<HostTicks>) -> Option<f64> {
+    steal_share(before?, host_ticks().ok()?)
+}
+
 /// The steal share of the CPU time between two readings, if any time passed.
 pub fn steal_share(before: HostTicks, after: HostTicks) -> Option<f64> {
     let total = after.total.checked_sub(before.total)?;

@@ -131,7 +131,8 @@ fn cells(row: &Row) -> Vec<String> {
     c
 }
 
-fn percent(v: f64) -> String {
+/// A share as a whole percentage.
+pub fn percent(v: f64) -> String {
     format!("{:.0}%", v * 100.0)
 }
 

@@ -12,7 +12,7 @@ use crate::diskstat::{self, Disk, DiskFigures};
 use crate::jobs::{
     fio_args, iscsi_perf, parse_report, prefill_args, Job, Measured, Region, Target, JOBS,
 };
-use crate::procstat::{cpu_seconds, host_ticks, peak_rss_kib, steal_share};
+use crate::procstat::{cpu_seconds, host_ticks, peak_rss_kib, steal_since};
 use crate::systems::{self, Env, Running, System, DATA_OFFSET, SYSTEMS};
 
 /// The shortest measured run of a rate-capped server in a quick pass.
@@ -202,9 +202,7 @@ pub fn run(daemon_bin: &Path, plan: Plan, filter: Option<&str>) -> Result<Result
         bench_group(&members, &env, &plan, &mut out);
     }
     out.elapsed = start.elapsed();
-    out.steal = host_start
-        .zip(host_ticks().ok())
-        .and_then(|(b, a)| steal_share(b, a));
+    out.steal = steal_since(host_start);
     Ok(out)
 }
 
@@ -343,9 +341,7 @@ fn measure(sys: &System, running: &Running, job: &Job, plan: &Plan) -> Result<Fi
         iscsi_perf(job, url, plan.warmup).context("warm-up")?;
         let before = host_ticks().ok();
         let m = iscsi_perf(job, url, plan.runtime)?;
-        let steal = before
-            .zip(host_ticks().ok())
-            .and_then(|(b, a)| steal_share(b, a));
+        let steal = steal_since(before);
         return Ok(Figures {
             m,
             cpu_s: None,
@@ -368,9 +364,7 @@ fn measure(sys: &System, running: &Running, job: &Job, plan: &Plan) -> Result<Fi
     let report = run_fio(&fio_args(job, target, region, runtime))?;
     let after = cpu()?;
     let disk_after = disk()?;
-    let steal = host_before
-        .zip(host_ticks().ok())
-        .and_then(|(b, a)| steal_share(b, a));
+    let steal = steal_since(host_before);
     let m = parse_report(&report, job)?;
     let cpu_s = before.zip(after).map(|(b, a)| a - b);
     let disk = disk_before
