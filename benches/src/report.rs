@@ -78,7 +78,7 @@ pub fn ratios(job: &Job, uniblk: &Figures, peer: &Figures) -> (Option<f64>, Opti
     (main, cpu)
 }
 
-const HEADER: [&str; 13] = [
+const HEADER: [&str; 14] = [
     "group",
     "system",
     "job",
@@ -89,6 +89,7 @@ const HEADER: [&str; 13] = [
     "lat p99",
     "CPU s",
     "CPU/IO",
+    "client CPU/IO",
     "peak RSS",
     "uniblk/peer",
     "CPU/IO u/p",
@@ -111,9 +112,11 @@ fn cells(row: &Row) -> Vec<String> {
             micros(f.m.clat_p99_us),
             f.cpu_s.map_or("-".into(), |v| format!("{v:.2}")),
             f.cpu_per_io_us().map_or("-".into(), micros),
+            f.client_cpu_per_io_us().map_or("-".into(), micros),
         ]),
         Err(e) => c.extend([
             format!("FAILED: {}", first_line(e)),
+            "".into(),
             "".into(),
             "".into(),
             "".into(),
@@ -485,7 +488,9 @@ pub fn markdown(info: &RunInfo, results: &Results, rows: &[Row]) -> String {
         "Measured {} on {} ({} cores, Linux {}), commit `{}`{}, {}, a {} run \
          ({} ms per job after a {} ms warm-up, {} MiB working set). \
          Ratios are uniblk / peer: above 1.0 uniblk is faster; for CPU/IO below 1.0 it uses \
-         less server CPU per I/O. A system measured in several interleaved rounds shows \
+         less server CPU per I/O; client CPU/IO is fio's (or iscsi-perf's) CPU time per \
+         I/O, start-up included, which shares the machine's cores with the server. A \
+         system measured in several interleaved rounds shows \
          the median round; spread is (highest - lowest) / median of its rounds; \
          steal is the share of the machine's CPU time the hypervisor gave to other guests \
          during the (median) measured run{}.{}\n\n",
@@ -573,6 +578,8 @@ fn row_json(row: &Row) -> Value {
             v["ios"] = json!(f.m.ios);
             v["server_cpu_s"] = json!(f.cpu_s);
             v["server_cpu_us_per_io"] = json!(f.cpu_per_io_us());
+            v["client_cpu_s"] = json!(f.client_cpu_s);
+            v["client_cpu_us_per_io"] = json!(f.client_cpu_per_io_us());
             if let Some(d) = f.disk {
                 v["disk"] = json!({
                     "requests": d.ios,
@@ -601,6 +608,7 @@ mod tests {
                 ios,
             },
             cpu_s: Some(cpu_s),
+            client_cpu_s: None,
             disk: None,
             steal: None,
         }

@@ -12,7 +12,9 @@ use crate::diskstat::{self, Disk, DiskFigures};
 use crate::jobs::{
     fio_args, iscsi_perf, parse_report, prefill_args, Job, Measured, Region, Target, JOBS,
 };
-use crate::procstat::{cpu_seconds, host_ticks, peak_rss_kib, steal_since};
+use crate::procstat::{
+    cpu_seconds, ended_children_cpu_seconds, host_ticks, peak_rss_kib, steal_since,
+};
 use crate::systems::{self, Env, Running, System, DATA_OFFSET, SYSTEMS};
 
 /// The shortest measured run of a rate-capped server in a quick pass.
@@ -84,6 +86,10 @@ pub struct Figures {
     pub m: Measured,
     /// The server's CPU seconds during the measured run; `None` without a server.
     pub cpu_s: Option<f64>,
+    /// The client's (fio's or iscsi-perf's) CPU seconds for the measured run, start-up
+    /// and exit included: client and server share the machine's CPUs, so what the client
+    /// spends per I/O bounds what the server can reach.
+    pub client_cpu_s: Option<f64>,
     /// The disk under the member files during the measured run, for the systems that
     /// serve them; `None` elsewhere or when the disk did no I/O.
     pub disk: Option<DiskFigures>,
@@ -96,6 +102,10 @@ pub struct Figures {
 impl Figures {
     pub fn cpu_per_io_us(&self) -> Option<f64> {
         self.cpu_s.map(|c| c * 1e6 / self.m.ios as f64)
+    }
+
+    pub fn client_cpu_per_io_us(&self) -> Option<f64> {
+        self.client_cpu_s.map(|c| c * 1e6 / self.m.ios as f64)
     }
 }
 
@@ -340,11 +350,14 @@ fn measure(sys: &System, running: &Running, job: &Job, plan: &Plan) -> Result<Fi
     if let Target::Iscsi { url } = target {
         iscsi_perf(job, url, plan.warmup).context("warm-up")?;
         let before = host_ticks().ok();
+        let client_before = ended_children_cpu_seconds().ok();
         let m = iscsi_perf(job, url, plan.runtime)?;
+        let client_cpu_s = cpu_between(client_before, ended_children_cpu_seconds().ok());
         let steal = steal_since(before);
         return Ok(Figures {
             m,
             cpu_s: None,
+            client_cpu_s,
             disk: None,
             steal,
         });
@@ -361,21 +374,29 @@ fn measure(sys: &System, running: &Running, job: &Job, plan: &Plan) -> Result<Fi
         false => sys.kind.min_runtime(),
     };
     let runtime = plan.runtime.max(floor);
+    let client_before = ended_children_cpu_seconds().ok();
     let report = run_fio(&fio_args(job, target, region, runtime))?;
+    let client_cpu_s = cpu_between(client_before, ended_children_cpu_seconds().ok());
     let after = cpu()?;
     let disk_after = disk()?;
     let steal = steal_since(host_before);
     let m = parse_report(&report, job)?;
-    let cpu_s = before.zip(after).map(|(b, a)| a - b);
+    let cpu_s = cpu_between(before, after);
     let disk = disk_before
         .zip(disk_after)
         .and_then(|(b, a)| diskstat::between(&b, &a));
     Ok(Figures {
         m,
         cpu_s,
+        client_cpu_s,
         disk,
         steal,
     })
+}
+
+/// CPU seconds between two readings, when both worked.
+fn cpu_between(before: Option<f64>, after: Option<f64>) -> Option<f64> {
+    before.zip(after).map(|(b, a)| a - b)
 }
 
 /// fio with a JSON report; a non-zero exit or a job error is a failure.
@@ -439,6 +460,7 @@ mod tests {
                 ios: 1,
             },
             cpu_s: Some(iops),
+            client_cpu_s: None,
             disk: None,
             steal: None,
         }
