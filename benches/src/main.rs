@@ -89,13 +89,17 @@ fn bench(a: &Args) -> Result<bool> {
     write_outputs(&a.out, &info, &results, &rows)?;
     let failures = results.failures();
     println!(
-        "{} jobs in {:.0} s{}{}",
+        "{} jobs in {:.0} s{}{}{}",
         results.samples.len(),
         results.elapsed.as_secs_f64(),
         results.steal.map_or(String::new(), |v| format!(
             ", {} of the machine's CPU time stolen by the hypervisor",
             report::percent(v)
         )),
+        match report::redone_jobs(&results) {
+            0 => String::new(),
+            n => format!(" ({n} jobs had a round measured again for it)"),
+        },
         match failures {
             0 => String::new(),
             n => format!(", {n} FAILED"),

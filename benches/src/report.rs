@@ -482,6 +482,20 @@ fn comparison_json(row: &ComparisonRow) -> Value {
     })
 }
 
+/// How many jobs had a round measured again for steal (each job's systems share the
+/// count, so one system per job is counted).
+pub fn redone_jobs(results: &Results) -> usize {
+    let mut jobs: Vec<(&str, &str)> = results
+        .samples
+        .iter()
+        .filter(|s| s.steal_redos > 0)
+        .map(|s| (s.system.group, s.job.name))
+        .collect();
+    jobs.sort();
+    jobs.dedup();
+    jobs.len()
+}
+
 /// The table as markdown, headed by when, where and what it measured.
 pub fn markdown(info: &RunInfo, results: &Results, rows: &[Row]) -> String {
     let mut out = format!(
@@ -493,7 +507,9 @@ pub fn markdown(info: &RunInfo, results: &Results, rows: &[Row]) -> String {
          system measured in several interleaved rounds shows \
          the median round; spread is (highest - lowest) / median of its rounds; \
          steal is the share of the machine's CPU time the hypervisor gave to other guests \
-         during the (median) measured run{}.{}\n\n",
+         during the (median) measured run{}; in a full run, a round in which any system \
+         lost more than {} of the CPU time to steal is measured once more (once per job at \
+         most) and the attempt with less steal counts{}.{}\n\n",
         info.date,
         info.cpu_model,
         info.nproc,
@@ -513,6 +529,11 @@ pub fn markdown(info: &RunInfo, results: &Results, rows: &[Row]) -> String {
             ", {} over the whole run",
             percent(v)
         )),
+        percent(crate::run::STEAL_REDO),
+        match redone_jobs(results) {
+            0 => String::new(),
+            n => format!(" ({n} jobs had a round measured again)"),
+        },
         results
             .filter
             .as_ref()
@@ -569,6 +590,7 @@ fn row_json(row: &Row) -> Value {
         Ok(f) => {
             v["value"] = json!(f.m.main(&s.job));
             v["rounds"] = json!(s.rounds);
+            v["rounds_redone_for_steal"] = json!(s.steal_redos);
             v["spread"] = json!(s.spread());
             v["steal"] = json!(f.steal);
             v["iops"] = json!(f.m.iops);
@@ -650,6 +672,7 @@ mod tests {
             job,
             outcome: fig,
             rounds: Vec::new(),
+            steal_redos: 0,
         }
     }
 

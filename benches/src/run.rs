@@ -15,6 +15,7 @@ use crate::jobs::{
 use crate::procstat::{
     cpu_seconds, ended_children_cpu_seconds, host_ticks, peak_rss_kib, steal_since,
 };
+use crate::report::percent;
 use crate::systems::{self, Env, Running, System, DATA_OFFSET, SYSTEMS};
 
 /// The shortest measured run of a rate-capped server in a quick pass.
@@ -118,6 +119,9 @@ pub struct Sample {
     /// The main figure of every measured round, in the order they ran (empty when one
     /// failed): the median is `outcome`, the spread shows how much this machine moved.
     pub rounds: Vec<f64>,
+    /// Rounds of this job measured again because steal took too much of the first attempt
+    /// (see `STEAL_REDO`).
+    pub steal_redos: u32,
 }
 
 impl Sample {
@@ -193,7 +197,7 @@ pub fn run(daemon_bin: &Path, plan: Plan, filter: Option<&str>) -> Result<Result
         .filter(|(_, jobs)| !jobs.is_empty())
         .collect();
     if work.is_empty() {
-        bail!("--filter {filter:?} matches no GROUP/SYSTEM/JOB (e.g. mem-unix/uniblk/randread-4k-qd1)");
+        bail!("--filter {:?} matches no GROUP/SYSTEM/JOB (e.g. mem-unix/uniblk/randread-4k-qd1)", filter.unwrap_or(""));
     }
     for group in groups(&work) {
         let members: Vec<&(System, Vec<Job>)> =
@@ -223,6 +227,15 @@ fn groups(work: &[(System, Vec<Job>)]) -> Vec<&'static str> {
     g
 }
 
+/// A round in which any system's measured run lost more than this share of the machine's
+/// CPU time to the hypervisor compares systems under unlike conditions: it is measured
+/// again, and the attempt with less steal counts.
+pub const STEAL_REDO: f64 = 0.10;
+
+/// Rounds measured again per job at most, which bounds a full run on a busy host to about
+/// one extra round per job.
+const MAX_STEAL_REDOS: u32 = 1;
+
 /// Starts every system of a group, then runs job by job, every system in turn: uniblk and
 /// its peers are measured seconds apart, so drift in the machine's load hits both sides
 /// of a ratio alike. Then records each server's memory and stops it. Failures are
@@ -247,13 +260,25 @@ fn bench_group(work: &[&(System, Vec<Job>)], env: &Env, plan: &Plan, out: &mut R
             .max()
             .unwrap_or(1);
         let mut got: Vec<Vec<Result<Figures, String>>> = vec![Vec::new(); runs_it.len()];
-        for _ in 0..rounds {
-            for ((sys, _, r), got) in runs_it.iter().zip(&mut got) {
-                if got.len() < plan.rounds(sys) as usize {
-                    let outcome = measure(sys, r, job, plan).map_err(|e| format!("{e:#}"));
-                    log_sample(sys, job, &outcome);
-                    got.push(outcome);
+        let mut redos = 0;
+        for round in 0..rounds {
+            let mut this = measure_round(&runs_it, job, plan, round);
+            let worst = worst_steal(&this);
+            if should_redo(plan, redos, worst) {
+                redos += 1;
+                eprintln!(
+                    "bench: {}: round {} lost {} of the CPU time to steal; measuring it again",
+                    job.name,
+                    round + 1,
+                    percent(worst)
+                );
+                let again = measure_round(&runs_it, job, plan, round);
+                if worst_steal(&again) < worst {
+                    this = again;
                 }
+            }
+            for (got, outcome) in got.iter_mut().zip(this) {
+                got.extend(outcome);
             }
         }
         for ((sys, ..), got) in runs_it.iter().zip(got) {
@@ -262,12 +287,49 @@ fn bench_group(work: &[&(System, Vec<Job>)], env: &Env, plan: &Plan, out: &mut R
                 job: *job,
                 rounds: round_figures(&got, job),
                 outcome: median(got, job),
+                steal_redos: redos,
             });
         }
     }
     for (sys, _, r) in running {
         out.systems.push(finish(sys, r));
     }
+}
+
+/// One round of `job`: a measured run on each system that has rounds left (`None` for
+/// the others), in turn.
+fn measure_round(
+    runs_it: &[&(System, &Vec<Job>, Running)],
+    job: &Job,
+    plan: &Plan,
+    round: u32,
+) -> Vec<Option<Result<Figures, String>>> {
+    runs_it
+        .iter()
+        .map(|(sys, _, r)| {
+            (round < plan.rounds(sys)).then(|| {
+                let outcome = measure(sys, r, job, plan).map_err(|e| format!("{e:#}"));
+                log_sample(sys, job, &outcome);
+                outcome
+            })
+        })
+        .collect()
+}
+
+/// Whether a round whose worst steal share was `worst` is measured again, `redos` rounds
+/// of the job having been redone already. Never in a quick run: it must stay short, and
+/// its single sub-second rounds are a check that everything runs, not figures.
+fn should_redo(plan: &Plan, redos: u32, worst: f64) -> bool {
+    !plan.quick && redos < MAX_STEAL_REDOS && worst > STEAL_REDO
+}
+
+/// The highest steal share any measured run of a round saw (0 when none was read).
+fn worst_steal(round: &[Option<Result<Figures, String>>]) -> f64 {
+    round
+        .iter()
+        .flatten()
+        .filter_map(|r| r.as_ref().ok()?.steal)
+        .fold(0.0, f64::max)
 }
 
 /// The run with the median main figure (the first failure, if any run failed).
@@ -296,6 +358,7 @@ fn not_started(sys: &System, jobs: &[Job], msg: &str, out: &mut Results) {
         job: *j,
         outcome: Err(format!("not run: {msg}")),
         rounds: Vec::new(),
+        steal_redos: 0,
     }));
     out.systems.push(SystemReport {
         system: *sys,
@@ -493,6 +556,7 @@ mod tests {
             job,
             outcome: Ok(figures(120.0)),
             rounds,
+            steal_redos: 0,
         };
         let s = sample(round_figures(&runs, &job));
         assert_eq!(s.rounds, [97.0, 131.0, 120.0], "every round, in order");
@@ -504,5 +568,22 @@ mod tests {
         );
         let failed = vec![Ok(figures(1.0)), Err("fio failed".to_string())];
         assert!(round_figures(&failed, &job).is_empty());
+    }
+
+    #[test]
+    fn a_round_with_heavy_steal_is_redone_once_per_job_in_full_runs_only() {
+        let stolen = |steal| {
+            let mut f = figures(1.0);
+            f.steal = steal;
+            Some(Ok(f))
+        };
+        let round = vec![stolen(Some(0.02)), None, stolen(Some(0.31)), stolen(None)];
+        assert_eq!(worst_steal(&round), 0.31);
+        assert_eq!(worst_steal(&[Some(Err("x".into())), None]), 0.0);
+        let full = Plan::full();
+        assert!(should_redo(&full, 0, 0.31));
+        assert!(!should_redo(&full, 0, 0.05), "little steal");
+        assert!(!should_redo(&full, MAX_STEAL_REDOS, 0.31), "budget spent");
+        assert!(!should_redo(&Plan::quick(), 0, 0.9), "never in a quick run");
     }
 }
