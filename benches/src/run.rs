@@ -197,7 +197,10 @@ pub fn run(daemon_bin: &Path, plan: Plan, filter: Option<&str>) -> Result<Result
         .filter(|(_, jobs)| !jobs.is_empty())
         .collect();
     if work.is_empty() {
-        bail!("--filter {:?} matches no GROUP/SYSTEM/JOB (e.g. mem-unix/uniblk/randread-4k-qd1)", filter.unwrap_or(""));
+        bail!(
+            "--filter {:?} matches no GROUP/SYSTEM/JOB (e.g. mem-unix/uniblk/randread-4k-qd1)",
+            filter.unwrap_or("")
+        );
     }
     for group in groups(&work) {
         let members: Vec<&(System, Vec<Job>)> =
@@ -241,6 +244,7 @@ const MAX_STEAL_REDOS: u32 = 1;
 /// of a ratio alike. Then records each server's memory and stops it. Failures are
 /// recorded, not returned, so one broken peer does not cost the rest of a long run.
 fn bench_group(work: &[&(System, Vec<Job>)], env: &Env, plan: &Plan, out: &mut Results) {
+    let group = work.first().map_or("", |w| w.0.group);
     let mut running = Vec::new();
     for (sys, jobs) in work.iter().map(|w| (&w.0, &w.1)) {
         eprintln!("bench: {}/{}: starting", sys.group, sys.name);
@@ -267,7 +271,7 @@ fn bench_group(work: &[&(System, Vec<Job>)], env: &Env, plan: &Plan, out: &mut R
             if should_redo(plan, redos, worst) {
                 redos += 1;
                 eprintln!(
-                    "bench: {}: round {} lost {} of the CPU time to steal; measuring it again",
+                    "bench: {group}/{}: round {} lost {} of the CPU time to steal; measuring it again",
                     job.name,
                     round + 1,
                     percent(worst)
