@@ -48,7 +48,8 @@ impl Plan {
     }
 
     /// 54 jobs of about 10.5 s, three rounds of those of the target-carrying groups, and
-    /// the remote group's: about 31 minutes in all.
+    /// the remote group's: about 31 minutes in all, up to about 40 when steal makes
+    /// rounds be measured again (see `STEAL_REDO`).
     pub fn full() -> Self {
         Self {
             quick: false,

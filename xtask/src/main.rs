@@ -26,7 +26,7 @@ usage: cargo xtask test [--no-install] [--skip-lint] [-- FILTER...]
   bench          build ublkd and benches in release, run the same fio jobs through uniblk,
                  nbdkit, qemu-nbd and fio on a file; print one table of ratios; write
                  target/bench/{latest.json,latest.md,latest.png,results-TIME.json}
-  --quick        short runs: the whole benchmark in under two minutes (full: ~31 minutes)
+  --quick        short runs: the whole benchmark in under two minutes (full: 31-40 minutes)
   --filter S     only jobs whose GROUP/SYSTEM/JOB contains S (e.g. mem-unix, qd32x2)
   --micro        run the micro-benchmarks instead (cargo bench -p benches --bench micro;
                  --filter is divan's name filter)
