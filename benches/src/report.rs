@@ -482,13 +482,13 @@ fn comparison_json(row: &ComparisonRow) -> Value {
     })
 }
 
-/// How many jobs had a round measured again for steal (each job's systems share the
-/// count, so one system per job is counted).
+/// How many jobs had a round measured again for steal (once per job, whichever of its
+/// systems had a run set aside).
 pub fn redone_jobs(results: &Results) -> usize {
     let mut jobs: Vec<(&str, &str)> = results
         .samples
         .iter()
-        .filter(|s| s.steal_redos > 0)
+        .filter(|s| !s.set_aside.is_empty())
         .map(|s| (s.system.group, s.job.name))
         .collect();
     jobs.sort();
@@ -509,7 +509,8 @@ pub fn markdown(info: &RunInfo, results: &Results, rows: &[Row]) -> String {
          steal is the share of the machine's CPU time the hypervisor gave to other guests \
          during the (median) measured run{}; in a full run, a round in which any system \
          lost more than {} of the CPU time to steal is measured once more (once per job at \
-         most) and the attempt with less steal counts{}.{}\n\n",
+         most) and the attempt with less steal counts (the other's figures are in the JSON, \
+         set_aside_for_steal; a failed attempt is always reported){}.{}\n\n",
         info.date,
         info.cpu_model,
         info.nproc,
@@ -590,7 +591,7 @@ fn row_json(row: &Row) -> Value {
         Ok(f) => {
             v["value"] = json!(f.m.main(&s.job));
             v["rounds"] = json!(s.rounds);
-            v["rounds_redone_for_steal"] = json!(s.steal_redos);
+            v["set_aside_for_steal"] = json!(s.set_aside);
             v["spread"] = json!(s.spread());
             v["steal"] = json!(f.steal);
             v["iops"] = json!(f.m.iops);
@@ -672,7 +673,7 @@ mod tests {
             job,
             outcome: fig,
             rounds: Vec::new(),
-            steal_redos: 0,
+            set_aside: Vec::new(),
         }
     }
 

@@ -120,9 +120,10 @@ pub struct Sample {
     /// The main figure of every measured round, in the order they ran (empty when one
     /// failed): the median is `outcome`, the spread shows how much this machine moved.
     pub rounds: Vec<f64>,
-    /// Rounds of this job measured again because steal took too much of the first attempt
-    /// (see `STEAL_REDO`).
-    pub steal_redos: u32,
+    /// The main figures of this system's measured runs that were set aside for an attempt
+    /// at the same round with less steal (see `STEAL_REDO`), kept so that what was not
+    /// counted can still be seen.
+    pub set_aside: Vec<f64>,
 }
 
 impl Sample {
@@ -265,11 +266,12 @@ fn bench_group(work: &[&(System, Vec<Job>)], env: &Env, plan: &Plan, out: &mut R
             .max()
             .unwrap_or(1);
         let mut got: Vec<Vec<Result<Figures, String>>> = vec![Vec::new(); runs_it.len()];
+        let mut set_aside: Vec<Vec<f64>> = vec![Vec::new(); runs_it.len()];
         let mut redos = 0;
         for round in 0..rounds {
             let mut this = measure_round(&runs_it, job, plan, round);
             let worst = worst_steal(&this);
-            if should_redo(plan, redos, worst) {
+            if should_redo(plan, redos, &this) {
                 redos += 1;
                 eprintln!(
                     "bench: {group}/{}: round {} lost {} of the CPU time to steal; measuring it again",
@@ -277,22 +279,26 @@ fn bench_group(work: &[&(System, Vec<Job>)], env: &Env, plan: &Plan, out: &mut R
                     round + 1,
                     percent(worst)
                 );
-                let again = measure_round(&runs_it, job, plan, round);
-                if worst_steal(&again) < worst {
-                    this = again;
+                let mut other = measure_round(&runs_it, job, plan, round);
+                // A failure in the second attempt is reported, not set aside.
+                if has_failure(&other) || worst_steal(&other) < worst {
+                    std::mem::swap(&mut this, &mut other);
+                }
+                for (aside, outcome) in set_aside.iter_mut().zip(other) {
+                    aside.extend(outcome.and_then(|o| o.ok()).map(|f| f.m.main(job)));
                 }
             }
             for (got, outcome) in got.iter_mut().zip(this) {
                 got.extend(outcome);
             }
         }
-        for ((sys, ..), got) in runs_it.iter().zip(got) {
+        for (((sys, ..), got), set_aside) in runs_it.iter().zip(got).zip(set_aside) {
             out.samples.push(Sample {
                 system: *sys,
                 job: *job,
                 rounds: round_figures(&got, job),
                 outcome: median(got, job),
-                steal_redos: redos,
+                set_aside,
             });
         }
     }
@@ -321,11 +327,17 @@ fn measure_round(
         .collect()
 }
 
-/// Whether a round whose worst steal share was `worst` is measured again, `redos` rounds
-/// of the job having been redone already. Never in a quick run: it must stay short, and
-/// its single sub-second rounds are a check that everything runs, not figures.
-fn should_redo(plan: &Plan, redos: u32, worst: f64) -> bool {
-    !plan.quick && redos < MAX_STEAL_REDOS && worst > STEAL_REDO
+/// Whether `round` is measured again, `redos` rounds of the job having been redone
+/// already: when some run in it lost more than `STEAL_REDO` to steal. Never in a quick
+/// run (it must stay short, and its single sub-second rounds are a check that everything
+/// runs, not figures), and never a round with a failed run, whose failure must be
+/// reported rather than replaced by a second attempt that happened to work.
+fn should_redo(plan: &Plan, redos: u32, round: &[Option<Result<Figures, String>>]) -> bool {
+    !plan.quick && redos < MAX_STEAL_REDOS && !has_failure(round) && worst_steal(round) > STEAL_REDO
+}
+
+fn has_failure(round: &[Option<Result<Figures, String>>]) -> bool {
+    round.iter().flatten().any(|r| r.is_err())
 }
 
 /// The highest steal share any measured run of a round saw (0 when none was read).
@@ -363,7 +375,7 @@ fn not_started(sys: &System, jobs: &[Job], msg: &str, out: &mut Results) {
         job: *j,
         outcome: Err(format!("not run: {msg}")),
         rounds: Vec::new(),
-        steal_redos: 0,
+        set_aside: Vec::new(),
     }));
     out.systems.push(SystemReport {
         system: *sys,
@@ -561,7 +573,7 @@ mod tests {
             job,
             outcome: Ok(figures(120.0)),
             rounds,
-            steal_redos: 0,
+            set_aside: Vec::new(),
         };
         let s = sample(round_figures(&runs, &job));
         assert_eq!(s.rounds, [97.0, 131.0, 120.0], "every round, in order");
@@ -586,9 +598,21 @@ mod tests {
         assert_eq!(worst_steal(&round), 0.31);
         assert_eq!(worst_steal(&[Some(Err("x".into())), None]), 0.0);
         let full = Plan::full();
-        assert!(should_redo(&full, 0, 0.31));
-        assert!(!should_redo(&full, 0, 0.05), "little steal");
-        assert!(!should_redo(&full, MAX_STEAL_REDOS, 0.31), "budget spent");
-        assert!(!should_redo(&Plan::quick(), 0, 0.9), "never in a quick run");
+        assert!(should_redo(&full, 0, &round));
+        assert!(
+            !should_redo(&full, 0, &[stolen(Some(0.05)), stolen(None)]),
+            "little steal"
+        );
+        assert!(!should_redo(&full, MAX_STEAL_REDOS, &round), "budget spent");
+        assert!(
+            !should_redo(&Plan::quick(), 0, &round),
+            "never in a quick run"
+        );
+        let mut failed = round.clone();
+        failed.push(Some(Err("fio failed".into())));
+        assert!(
+            !should_redo(&full, 0, &failed),
+            "a failure is reported, not redone"
+        );
     }
 }
