@@ -83,8 +83,12 @@ impl<F: Future> InFlight<F> {
         self.len() == 0
     }
 
-    /// Start `fut`; it is first polled by the next `poll`. The caller keeps within capacity.
-    pub fn push(&mut self, fut: F) {
+    /// Start the future `make` returns; it is first polled by the next `poll`. The caller
+    /// keeps within capacity. The future is built straight into its slot: a request's future
+    /// is kilobytes (every await of the array inline), and building it elsewhere and
+    /// moving it in copied all of it for every request.
+    #[inline]
+    pub fn push_with(&mut self, make: impl FnOnce() -> F) {
         let index = match self.free.pop() {
             Some(i) => i,
             None => {
@@ -101,8 +105,9 @@ impl<F: Future> InFlight<F> {
                 index
             }
         };
-        // Pin::set drops the slot's previous (finished) future in place: the box is reused.
-        self.slots[index].fut.as_mut().set(Some(fut));
+        // A free slot's future was dropped when it finished (`poll_slot`), so this writes
+        // into an empty box, reused, and nothing is dropped first.
+        self.slots[index].fut.as_mut().set(Some(make()));
         self.ready.mark(index);
     }
 
@@ -190,7 +195,7 @@ mod tests {
         let mut handles = Vec::new();
         for (open, w, g) in gates {
             handles.push((open, w));
-            set.push(g);
+            set.push_with(|| g);
         }
         assert_eq!(set.len(), 2);
         let mut out = Vec::new();
@@ -209,7 +214,7 @@ mod tests {
             waker: Default::default(),
             value: 7,
         };
-        set.push(g);
+        set.push_with(|| g);
         assert_eq!(set.poll(&mut cx, |v| out.push(v)), 1);
         assert_eq!(out, [1, 7], "only the pushed slot was polled");
         handles[0].1.lock().unwrap().take().unwrap().wake();
