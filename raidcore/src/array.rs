@@ -514,22 +514,25 @@ impl Array {
     /// Read a piece from its best healthy copy, falling back to the others.
     pub(crate) async fn read_piece(&self, piece: &Piece, buf: IoBuf) -> IoResult {
         // Prefer local members, then the least busy; each key is worked out once, from
-        // the slot (no member() lock and reference count per comparison).
+        // the slot (no member() lock and reference count per comparison), and only when
+        // there is a choice (summing a counter's shards is not free).
+        let redundant = piece.copies.len() > 1;
         let mut order: smallvec::SmallVec<[((bool, u64), Copy); 4]> = piece
             .copies
             .iter()
             .filter(|c| self.members[c.member].is_healthy())
             .map(|&c| {
                 let m = &self.members[c.member];
-                (
-                    (m.is_remote(), m.stats.in_flight.load(Ordering::Relaxed)),
-                    c,
-                )
+                let key = if redundant {
+                    (m.is_remote(), m.stats.in_flight.get())
+                } else {
+                    (false, 0)
+                };
+                (key, c)
             })
             .collect();
         // Stable: among equals the piece's own order stands.
         order.sort_by_key(|&(key, _)| key);
-        let redundant = piece.copies.len() > 1;
         let mut last = None;
         for (_, c) in order {
             match self.member_io(c, Op::Read, buf, false).await {
@@ -806,9 +809,8 @@ impl Array {
 
     /// One I/O to one member, through the queue, with capability emulation.
     pub(crate) async fn member_io(&self, c: Copy, op: Op, buf: IoBuf, fua: bool) -> IoResult {
-        // Taken once for the whole I/O: each take is a lock and a reference count that
-        // both worker threads touch.
-        let member = self.members[c.member].member();
+        // Taken once for the whole I/O, without a lock or a shared reference count.
+        let member = self.members[c.member].current();
         let m = &*member;
         let caps = m.info().caps;
         match op {
@@ -888,23 +890,23 @@ impl Array {
             _ => IoBuf::empty(),
         };
         let _slot = self.queue.admit(tag).await;
-        slot.stats.in_flight.fetch_add(1, Ordering::Relaxed);
+        slot.stats.in_flight.add(1);
         let r = m.submit(MemberIo { tag, buf: data }).await;
-        slot.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+        slot.stats.in_flight.sub(1);
         match &r {
             Ok(()) => {
-                slot.stats.completed.fetch_add(1, Ordering::Relaxed);
+                slot.stats.completed.add(1);
                 let counter = match op {
                     Op::Read => Some(&slot.stats.bytes_read),
                     Op::Write => Some(&slot.stats.bytes_written),
                     _ => None,
                 };
                 if let Some(ctr) = counter {
-                    ctr.fetch_add(tag.len, Ordering::Relaxed);
+                    ctr.add(tag.len);
                 }
             }
             Err(e) => {
-                slot.stats.errors.fetch_add(1, Ordering::Relaxed);
+                slot.stats.errors.add(1);
                 tracing::warn!(member = %info.address, ?tag, error = %e, "member I/O failed");
             }
         }

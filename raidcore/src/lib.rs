@@ -5,6 +5,7 @@
 pub mod array;
 pub mod assemble;
 pub mod buf_pool;
+pub mod counter;
 pub mod error;
 pub mod io;
 pub mod join;

@@ -2,11 +2,15 @@
 //! member of an array: its health, its fault reason and its counters.
 
 use std::future::Future;
+use std::ops::Deref;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
 
 use serde::Serialize;
 
+use crate::counter::Counter;
 use crate::error::IoResult;
 use crate::io::{Class, IoBuf, MemberIo, Op, Proto};
 
@@ -174,13 +178,14 @@ pub enum MemberState {
 }
 
 /// Counters the core keeps per member; read by status and by read balancing.
+/// The per-I/O ones are sharded per thread (see counter.rs).
 #[derive(Debug, Default)]
 pub struct MemberStats {
-    pub in_flight: AtomicU64,
-    pub completed: AtomicU64,
-    pub errors: AtomicU64,
-    pub bytes_read: AtomicU64,
-    pub bytes_written: AtomicU64,
+    pub in_flight: Counter,
+    pub completed: Counter,
+    pub errors: Counter,
+    pub bytes_read: Counter,
+    pub bytes_written: Counter,
     /// Round trip of the last successful health probe, in microseconds (0: never probed).
     pub last_probe_us: AtomicU64,
     pub probes_failed: AtomicU64,
@@ -200,11 +205,11 @@ pub struct StatsSnapshot {
 impl MemberStats {
     pub fn snapshot(&self) -> StatsSnapshot {
         StatsSnapshot {
-            in_flight: self.in_flight.load(Ordering::Relaxed),
-            completed: self.completed.load(Ordering::Relaxed),
-            errors: self.errors.load(Ordering::Relaxed),
-            bytes_read: self.bytes_read.load(Ordering::Relaxed),
-            bytes_written: self.bytes_written.load(Ordering::Relaxed),
+            in_flight: self.in_flight.get(),
+            completed: self.completed.get(),
+            errors: self.errors.get(),
+            bytes_read: self.bytes_read.get(),
+            bytes_written: self.bytes_written.get(),
             last_probe_us: self.last_probe_us.load(Ordering::Relaxed),
             probes_failed: self.probes_failed.load(Ordering::Relaxed),
         }
@@ -219,9 +224,11 @@ pub struct RebuildProgress {
 }
 
 /// A member as the array holds it. The member itself can be swapped (`member add` into a
-/// removed slot); callers take a reference with `member()` for the span of one I/O.
+/// removed slot); an I/O holds it with `current()` for its span, anything longer with
+/// `member()`.
 pub struct MemberSlot {
-    member: RwLock<Arc<dyn Member>>,
+    /// Doubly wrapped because ArcSwap holds a thin pointer.
+    member: ArcSwap<Arc<dyn Member>>,
     pub stats: MemberStats,
     pub rebuild: RebuildProgress,
     state: Mutex<MemberState>,
@@ -232,6 +239,16 @@ pub struct MemberSlot {
     /// The member's class is not Local: kept here for read balancing, which asks on
     /// every read (see `health`); follows `replace`.
     remote: AtomicBool,
+}
+
+/// A slot's member held for one I/O (see `MemberSlot::current`).
+pub struct MemberRef(arc_swap::Guard<Arc<Arc<dyn Member>>>);
+
+impl Deref for MemberRef {
+    type Target = dyn Member;
+    fn deref(&self) -> &(dyn Member + 'static) {
+        &***self.0
+    }
 }
 
 const HEALTHY: u8 = 0;
@@ -254,23 +271,30 @@ impl MemberSlot {
             state: Mutex::new(MemberState::Healthy),
             health: AtomicU8::new(HEALTHY),
             remote: AtomicBool::new(member.info().class != Class::Local),
-            member: RwLock::new(member),
+            member: ArcSwap::from_pointee(member),
         }
     }
 
+    /// The member, for as long as the caller likes (a reference count on it).
     pub fn member(&self) -> Arc<dyn Member> {
-        self.member
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        Arc::clone(&self.member.load())
     }
 
-    /// Put a new member in this slot; returns the old one.
+    /// The member for the span of one I/O. Taken by every I/O: unlike `member()` it
+    /// usually writes nothing another thread reads (no lock word, no reference count, both
+    /// of which moved a cache line between the cores on every I/O); a replaced member
+    /// lives until the last such reference to it is gone.
+    pub fn current(&self) -> MemberRef {
+        MemberRef(self.member.load())
+    }
+
+    /// Put a new member in this slot; returns the old one. I/Os already running on the
+    /// old one finish on it.
     pub fn replace(&self, m: Arc<dyn Member>) -> Arc<dyn Member> {
-        let mut slot = self.member.write().unwrap_or_else(|e| e.into_inner());
         self.remote
             .store(m.info().class != Class::Local, Ordering::Relaxed);
-        std::mem::replace(&mut *slot, m)
+        let old = self.member.swap(Arc::new(m));
+        Arc::clone(&old)
     }
 
     /// The member in this slot is not a local one.
