@@ -541,12 +541,15 @@ const PR_SET_IO_FLUSHER: libc::c_int = 57;
 pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .on_thread_start(|| {
-            // Best effort: needs CAP_SYS_RESOURCE; without it the daemon still works.
-            // SAFETY: prctl with integer arguments only.
-            unsafe { libc::prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) };
-        })
+        .on_thread_start(mark_io_flusher)
         .build()
+}
+
+/// Mark the calling thread as an I/O flusher (see [`runtime`]). Best effort: needs
+/// CAP_SYS_RESOURCE; without it the daemon still works.
+pub fn mark_io_flusher() {
+    // SAFETY: prctl with integer arguments only.
+    unsafe { libc::prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) };
 }
 
 /// Run the daemon in the foreground until SIGINT or SIGTERM.

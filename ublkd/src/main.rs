@@ -26,6 +26,7 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
+    backends::local::set_reaper_runtime(rt.handle().clone());
     match rt.block_on(ublkd::daemon::run(cli.daemon)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

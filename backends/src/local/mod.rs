@@ -18,6 +18,8 @@ mod pread;
 mod sys;
 mod uring;
 
+pub use uring::set_reaper_runtime;
+
 #[cfg(test)]
 mod tests;
 

@@ -8,8 +8,10 @@
 //!
 //! Per connection, one task: negotiation here, then transmission (`transmission.rs`),
 //! where requests run inside the connection's task (`in_flight.rs`) and replies go out
-//! many per vectored write (`replies.rs`).
+//! many per vectored write (`replies.rs`). The task stays on one connection thread
+//! (`conn_threads.rs`) for the connection's life.
 
+mod conn_threads;
 mod in_flight;
 mod replies;
 mod transmission;
@@ -136,7 +138,7 @@ impl NbdServer {
                 a = listener.accept() => a,
             };
             match accepted {
-                Ok((r, w, peer)) => self.spawn_connection(r, w, peer),
+                Ok((socket, peer)) => self.spawn_connection(socket, peer),
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
                     tracing::warn!(listen = %listener.describe(), error = %e, "NBD accept failed");
@@ -147,21 +149,39 @@ impl NbdServer {
         listener.cleanup();
     }
 
-    fn spawn_connection(self: &Arc<Self>, r: BoxRead, w: BoxWrite, peer: String) {
+    /// Serve an accepted connection on a connection thread (conn_threads.rs), or here
+    /// when there are none.
+    fn spawn_connection(self: &Arc<Self>, socket: Accepted, peer: String) {
         let guard = ConnGuard::new(self.clone());
-        tokio::spawn(async move {
+        // Where requests too large to run inside the connection's task go.
+        let big = tokio::runtime::Handle::current();
+        let conn = async move {
             tracing::debug!(%peer, "NBD connection opened");
-            match guard.0.serve(r, w, &peer).await {
+            let served = match socket.register() {
+                Ok((r, w)) => guard.0.serve(r, w, &peer, big).await,
+                Err(e) => Err(e),
+            };
+            match served {
                 Ok(()) => tracing::debug!(%peer, "NBD connection closed"),
                 Err(e) => tracing::debug!(%peer, error = %e, "NBD connection ended"),
             }
             drop(guard);
-        });
+        };
+        match conn_threads::ConnThreads::get() {
+            Some(threads) => threads.spawn(conn),
+            None => drop(tokio::spawn(conn)),
+        }
     }
 
     /// One connection: handshake, then transmission until DISC, EOF, a protocol
     /// violation or shutdown.
-    async fn serve(self: &Arc<Self>, r: BoxRead, w: BoxWrite, peer: &str) -> io::Result<()> {
+    async fn serve(
+        self: &Arc<Self>,
+        r: BoxRead,
+        w: BoxWrite,
+        peer: &str,
+        big: tokio::runtime::Handle,
+    ) -> io::Result<()> {
         let mut r = BufReader::with_capacity(READ_BUF, r);
         let w: BoxWrite = Box::new(StallWriter::new(w, self.reply_stall));
         let mut w = BufWriter::with_capacity(WRITE_BUF, w);
@@ -174,12 +194,19 @@ impl NbdServer {
         let Some(session) = session else {
             return Ok(());
         };
-        self.transmission(r, w, peer, session).await
+        self.transmission(r, w, peer, session, big).await
     }
 
     /// Hand the negotiated connection to the transmission engine, with whatever the
     /// client already sent past its last option.
-    async fn transmission(&self, r: Rd, w: Wr, peer: &str, s: Session) -> io::Result<()> {
+    async fn transmission(
+        &self,
+        r: Rd,
+        w: Wr,
+        peer: &str,
+        s: Session,
+        big: tokio::runtime::Handle,
+    ) -> io::Result<()> {
         let pending = r.buffer().to_vec();
         let r = r.into_inner();
         // Negotiation flushes after every option: nothing is left in the BufWriter.
@@ -192,7 +219,7 @@ impl NbdServer {
         };
         tracing::debug!(%peer, export = %self.exports[s.export].name, structured = s.structured, "NBD transmission");
         let (stop, force) = (self.stopping.subscribe(), self.force.subscribe());
-        transmission::run(session, r, w, &pending, stop, force).await
+        transmission::run(session, r, w, &pending, stop, force, big).await
     }
 
     fn find_export(&self, name: &[u8]) -> Option<usize> {
@@ -282,7 +309,7 @@ impl Listener {
         }
     }
 
-    async fn accept(&self) -> io::Result<(BoxRead, BoxWrite, String)> {
+    async fn accept(&self) -> io::Result<(Accepted, String)> {
         match self {
             Listener::Tcp(l) => {
                 let (s, peer) = l.accept().await?;
@@ -290,15 +317,13 @@ impl Listener {
                 // bound.
                 let _ = s.set_nodelay(true);
                 widen_send_buffer(&s);
-                let (r, w) = s.into_split();
-                Ok((Box::new(r), Box::new(w), peer.to_string()))
+                Ok((Accepted::Tcp(s.into_std()?), peer.to_string()))
             }
             Listener::Unix(l, p, _) => {
                 let (s, _) = l.accept().await?;
                 widen_send_buffer(&s);
-                let (r, w) = s.into_split();
                 let peer = format!("unix:{} #{}", p.display(), next_conn_id());
-                Ok((Box::new(r), Box::new(w), peer))
+                Ok((Accepted::Unix(s.into_std()?), peer))
             }
         }
     }
@@ -316,6 +341,29 @@ impl Listener {
 }
 
 /// Unix sockets have no peer address worth printing; number the connections instead.
+/// An accepted socket not yet registered with any runtime: it is registered on the
+/// thread that serves it, so its readiness wakes that thread and no other.
+enum Accepted {
+    Tcp(std::net::TcpStream),
+    Unix(std::os::unix::net::UnixStream),
+}
+
+impl Accepted {
+    /// Register with the current runtime and split.
+    fn register(self) -> io::Result<(BoxRead, BoxWrite)> {
+        Ok(match self {
+            Accepted::Tcp(s) => {
+                let (r, w) = tokio::net::TcpStream::from_std(s)?.into_split();
+                (Box::new(r), Box::new(w))
+            }
+            Accepted::Unix(s) => {
+                let (r, w) = UnixStream::from_std(s)?.into_split();
+                (Box::new(r), Box::new(w))
+            }
+        })
+    }
+}
+
 fn next_conn_id() -> u64 {
     use std::sync::atomic::{AtomicU64, Ordering};
     static NEXT: AtomicU64 = AtomicU64::new(1);

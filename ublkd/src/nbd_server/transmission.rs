@@ -22,6 +22,7 @@ use std::task::{Context, Poll};
 use backends::nbd::wire::{self, Request};
 use raidcore::{ArrayRef, Flags, FrontBuf, FrontIo, IoError, IoResult, Op};
 use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
+use tokio::runtime::Handle;
 use tokio::sync::watch;
 
 use super::in_flight::InFlight;
@@ -77,8 +78,9 @@ pub async fn run(
     pending: &[u8],
     mut stop: watch::Receiver<bool>,
     mut force: watch::Receiver<bool>,
+    big: Handle,
 ) -> io::Result<()> {
-    let mut conn = Conn::new(s, r, w, pending, start);
+    let mut conn = Conn::new(s, r, w, pending, move |a, q, b, t| start(&big, a, q, b, t));
     let mut stop = std::pin::pin!(flagged(&mut stop));
     let mut force = std::pin::pin!(flagged(&mut force));
     std::future::poll_fn(|cx| {
@@ -707,25 +709,37 @@ enum Step {
 
 // ---- Executing one request ----------------------------------------------------------
 
-/// Run one validated request: large ones in a task of their own (see [`SPAWN_LEN`]), the
-/// rest right here in the connection's task.
-async fn start(array: ArrayRef, q: Request, buf: Option<FrontBuf>, token: Token) -> Finished {
-    if q.len < SPAWN_LEN {
-        return execute(array, q, buf, token).await;
-    }
-    let handle = q.handle;
-    match tokio::spawn(execute(array, q, buf, token)).await {
-        Ok(f) => f,
-        // A panic in the request's task: an error for this request only.
-        Err(e) => Finished {
-            handle,
-            body: Refusal {
-                error: wire::NBD_EIO,
-                msg: format!("request failed: {e}"),
-            }
-            .into_body(),
-            token,
-        },
+/// Run one validated request: large ones in a task of their own on `big` (the daemon's
+/// runtime, so that their copies run beside the connection's thread; see [`SPAWN_LEN`]),
+/// the rest right here in the connection's task.
+fn start(
+    big: &Handle,
+    array: ArrayRef,
+    q: Request,
+    buf: Option<FrontBuf>,
+    token: Token,
+) -> impl Future<Output = Finished> {
+    // Cloned only for large requests: a handle is a reference count shared by every
+    // connection thread.
+    let big = (q.len >= SPAWN_LEN).then(|| big.clone());
+    async move {
+        let Some(big) = big else {
+            return execute(array, q, buf, token).await;
+        };
+        let handle = q.handle;
+        match big.spawn(execute(array, q, buf, token)).await {
+            Ok(f) => f,
+            // A panic in the request's task: an error for this request only.
+            Err(e) => Finished {
+                handle,
+                body: Refusal {
+                    error: wire::NBD_EIO,
+                    msg: format!("request failed: {e}"),
+                }
+                .into_body(),
+                token,
+            },
+        }
     }
 }
 
@@ -839,7 +853,7 @@ fn status(r: Result<(), IoError>) -> Body {
 mod tests {
     use super::*;
 
-    fn future_size<F>(_: fn(ArrayRef, Request, Option<FrontBuf>, Token) -> F) -> usize {
+    fn future_size<F>(_: fn(&Handle, ArrayRef, Request, Option<FrontBuf>, Token) -> F) -> usize {
         std::mem::size_of::<F>()
     }
 
