@@ -2,11 +2,11 @@
 //! its whole life, in a single-threaded tokio runtime, with its socket registered there.
 //!
 //! Why not the daemon's work-stealing runtime: a connection is one task (its requests run
-//! inside it, see `in_flight.rs`), so stealing cannot split it, only move it. With two
-//! workers and two busy connections, perf showed the moves and the wake-ups between the
-//! workers (futex, condvar parking) costing about a fifth of the daemon's CPU per 4k read;
-//! one worker saved that but holds the daemon to one core. Here each connection keeps one
-//! thread, and connections are dealt round-robin over as many threads as there are CPUs.
+//! inside it, see `in_flight.rs`), so stealing cannot split it, only move it, and wake
+//! the other worker to do so (futex, condvar parking in perf). One worker instead of two
+//! cut the daemon's CPU per 4k read by about a fifth but holds the daemon to one core.
+//! Here each connection keeps one thread, and connections are dealt round-robin over as
+//! many threads as there are CPUs.
 //! Large requests, whose copies are worth running in parallel, still go to the daemon's
 //! runtime (see `transmission::start`).
 //!
