@@ -17,8 +17,8 @@
 //!
 //! The reaper is spawned on the runtime of the first caller (or on the one named by
 //! [`set_reaper_runtime`]: the daemon's own, as its NBD connections run on threads of
-//! their own) and again whenever the previous one is gone (its runtime shut down). Outside any tokio runtime a job runs as
-//! blocking system calls instead.
+//! their own) and again whenever the previous one is gone (its runtime shut down).
+//! Outside any tokio runtime a job runs as blocking system calls instead.
 //!
 //! Buffers: a job's reply is sent only after its last CQE has been reaped, so the kernel
 //! never touches a buffer after its owner was told the I/O is done. Stopping waits for

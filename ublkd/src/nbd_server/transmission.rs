@@ -206,9 +206,10 @@ impl Held {
     }
 }
 
-/// How a connection starts a request. A generic (the `start` fn item, zero-sized) rather
-/// than a fn pointer: the call is then direct and inlined, so the request's future is
-/// built straight into its in-flight slot instead of on the stack and copied there.
+/// How a connection starts a request (in `run`, a closure over [`start`] and the handle
+/// large requests go to). A generic rather than a fn pointer: the call is then direct and
+/// inlined, so the request's future is built straight into its in-flight slot instead of
+/// on the stack and copied there.
 trait Start<F>: Fn(ArrayRef, Request, Option<FrontBuf>, Token) -> F {}
 impl<F, S: Fn(ArrayRef, Request, Option<FrontBuf>, Token) -> F> Start<F> for S {}
 
